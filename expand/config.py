@@ -1,0 +1,228 @@
+"""The architecture of a Llama-family model: a frozen dataclass that reads and writes HF `config.json`.
+
+Field names follow transformers' `LlamaConfig`. `Config.from_hf` accepts the transformers 4.x spelling
+(`rope_theta` + `rope_scaling`) and the 5.x spelling (`rope_parameters`), and refuses any field whose value
+would make transformers compute something this model does not (a different activation, a sliding window,
+an unsupported RoPE type, quantized weights), naming the field and what to do about it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A config.json this model cannot implement faithfully."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `linear` divides every frequency by `factor`; `llama3` (Llama 3.1) divides
+    only the low frequencies, with a smooth ramp between `low_freq_factor` and `high_freq_factor`."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def to_hf(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Hashable, so it can be a static argument of `jax.jit`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}: grouped-query attention needs every kv head "
+                "to serve the same number of query heads"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    # ---- HF config.json ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> Config:
+        """Read a transformers config dict (4.x or 5.x spelling); refuse what the model does not implement."""
+        model_type = _architecture(d)
+        _refuse_unsupported(d)
+        heads = int(d["num_attention_heads"])
+        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+        theta, scaling = _rope(d)
+        eos = d.get("eos_token_id")
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id"),
+            model_type=model_type,
+        )
+
+    def to_hf(self, dtype: str | None = None) -> dict[str, Any]:
+        """A config.json dict that transformers 5.x reads, with the legacy 4.x rope keys beside it."""
+        rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope_parameters = {**self.rope_scaling.to_hf(), "rope_theta": self.rope_theta}
+        architecture = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.model_type]
+        d: dict[str, Any] = {
+            "architectures": [architecture],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope_parameters,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else self.rope_scaling.to_hf(),
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
+        if self.model_type == "mistral":
+            d["sliding_window"] = None
+        if dtype is not None:
+            d["dtype"] = dtype
+            d["torch_dtype"] = dtype
+        return d
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: an HF model directory needs a config.json "
+                "(save one with transformers' save_pretrained, or pass a .gguf file)"
+            )
+        return cls.from_hf(json.loads(path.read_text()))
+
+
+def _architecture(d: dict[str, Any]) -> str:
+    architectures = d.get("architectures") or []
+    for arch in architectures:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    if not architectures and d.get("model_type") in SUPPORTED_ARCHITECTURES.values():
+        return d["model_type"]
+    found = ", ".join(architectures) or f"model_type={d.get('model_type')!r}"
+    raise ConfigError(
+        f"unknown architecture {found}: expand implements {', '.join(SUPPORTED_ARCHITECTURES)} "
+        "(Mistral without a sliding window); convert other families elsewhere first"
+    )
+
+
+def _refuse_unsupported(d: dict[str, Any]) -> None:
+    """Fields whose non-default values change the function in ways this model does not implement."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act={act!r} is not implemented (only 'silu', the SwiGLU of Llama)")
+    if d.get("sliding_window") is not None and d.get("use_sliding_window", True):
+        raise ConfigError(
+            f"sliding_window={d['sliding_window']} is not implemented: expand computes full causal attention. "
+            "Set sliding_window to null in config.json only if your prompts never exceed it"
+        )
+    if float(d.get("attention_dropout", 0.0) or 0.0) != 0.0:
+        raise ConfigError(f"attention_dropout={d['attention_dropout']} is not implemented; set it to 0.0")
+    if d.get("quantization_config"):
+        method = d["quantization_config"].get("quant_method", "?")
+        raise ConfigError(
+            f"quantization_config (quant_method={method!r}) is not supported: expand reads float weights. "
+            "Dequantize the checkpoint first, or load the GGUF file directly"
+        )
+    if d.get("partial_rotary_factor", 1.0) not in (None, 1.0):
+        raise ConfigError(f"partial_rotary_factor={d['partial_rotary_factor']} is not implemented (only 1.0)")
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from either spelling: 5.x `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    source = params if params.get("rope_type", "default") != "default" else scaling
+    rope_type = source.get("rope_type", source.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope_scaling type {rope_type!r} is not implemented (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type == "linear":
+        return float(theta), RopeScaling("linear", float(source["factor"]))
+    return float(theta), RopeScaling(
+        "llama3",
+        float(source["factor"]),
+        float(source["low_freq_factor"]),
+        float(source["high_freq_factor"]),
+        int(source["original_max_position_embeddings"]),
+    )

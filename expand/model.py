@@ -1,0 +1,351 @@
+"""The Llama forward pass: one jit-compiled function that scans over layer slots.
+
+A *slot* is one position in the depth of the network; `layer_ids[s]` names the stored layer whose weights
+slot `s` runs. The default `layer_ids = arange(num_hidden_layers)` is the model as stored; any other int
+array runs a depth plan *virtually* (duplicated layers share one copy of their weights). Because
+`layer_ids` is data, not shape, every plan of the same length reuses one compiled function.
+
+Shapes: B batch, T query tokens, S key slots (T, or the KV cache length), d hidden, n query heads,
+m kv heads, h head_dim, f intermediate size, V vocab, L stored layers, N slots.
+
+Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32 then cast back before the gain,
+rotate-half RoPE with cos/sin cast to the compute dtype, softmax in float32. Float32 (and float64)
+params run with `matmul precision = highest` (the reference mode: no TF32 on GPUs); bfloat16 params run
+in bfloat16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections import Counter
+from functools import partial
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from expand.config import Config
+from expand.params import Params, flatten, nest, tensor_specs
+from expand.provenance import Provenance
+
+# How many times each jitted entry point was traced (= compiled); read by tests and sweep reports.
+TRACE_COUNTS: Counter = Counter()
+
+
+# ---- building blocks ---------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
+    """x (..., d) -> gain * x / sqrt(mean(x^2) + eps), the mean taken in float32 (or float64)."""
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(acc)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return gain * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: Config) -> np.ndarray:
+    """(h/2,) float32 inverse frequencies theta^(-2i/h), with linear or llama3 scaling applied.
+
+    Computed in float32 in transformers' order of operations (the exponent 2i/h is rounded to float32
+    before the power), so the frequencies are bit-identical to transformers' `inv_freq`."""
+    f32 = np.float32
+    h = config.head_dim
+    exponent = np.arange(0, h, 2).astype(f32) / f32(h)
+    inv = f32(1.0) / np.power(np.float64(config.rope_theta), exponent.astype(np.float64)).astype(f32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv
+    factor = f32(scaling.factor)
+    if scaling.rope_type == "linear":
+        return inv / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    old_len = f32(scaling.original_max_position_embeddings)
+    low, high = f32(scaling.low_freq_factor), f32(scaling.high_freq_factor)
+    wavelen = f32(2 * math.pi) / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def rope_cos_sin(positions: jax.Array, config: Config, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions (B, T) int -> cos, sin (B, T, h) in the compute dtype, rotate-half layout (the h/2
+    frequencies repeated twice). Angles and their cos/sin are computed in float32 whatever the dtype,
+    exactly as transformers does (autocast disabled): that rounding is part of the function HF defines,
+    so float64 runs of expand and transformers compute the same function."""
+    inv = jnp.asarray(rope_inv_freq(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, heads, h): x * cos + rotate_half(x) * sin, rotate_half([a, b]) = [-b, a]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _linear(x, weight, bias, equation):
+    y = jnp.einsum(equation, x, weight)
+    return y if bias is None else y + bias
+
+
+def attention(x, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
+    """x (B, T, d) -> (B, T, d), and the layer's (k, v) cache (B, S, m, h) after writing this step.
+
+    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,T,m,h); RoPE on q and k; query head j reads kv head
+    j // (n/m); softmax(q k^T / sqrt(h) + mask) v; then Wo back to d. With a cache, k and v are written at
+    slots [cache_index, cache_index + T) and attention runs over all S cache slots."""
+    q = _linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
+    k = _linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
+    v = _linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_cache is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=config.head_dim**-0.5, implementation=implementation
+    )
+    y = _linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
+    return y, (k, v)
+
+
+def mlp(x, w):
+    """SwiGLU: down(silu(x Wgate) * (x Wup)), x (B, T, d) -> (B, T, d) through f hidden units."""
+    gate = _linear(x, w["layers.mlp.gate_proj.weight"], w.get("layers.mlp.gate_proj.bias"), "btd,df->btf")
+    up = _linear(x, w["layers.mlp.up_proj.weight"], w.get("layers.mlp.up_proj.bias"), "btd,df->btf")
+    return _linear(jax.nn.silu(gate) * up, w["layers.mlp.down_proj.weight"], w.get("layers.mlp.down_proj.bias"),
+                   "btf,fd->btd")
+
+
+def scale_tensor(weight: jax.Array, scale) -> jax.Array:
+    """weight * scale computed in float32 (float64 for float64 weights) and rounded back to the weight's
+    dtype: the rounding mergekit (torch opmath) applies, so virtual and materialized plans agree bitwise."""
+    acc = jnp.promote_types(weight.dtype, jnp.float32)
+    return (weight.astype(acc) * jnp.asarray(scale, acc)).astype(weight.dtype)
+
+
+def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
+    """One pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.))."""
+    a, kv_cache = attention(
+        rms_norm(h, w["layers.input_layernorm.weight"], config.rms_norm_eps),
+        w, cos, sin, mask, kv_cache, cache_index, config, implementation,
+    )
+    h = h + a
+    h = h + mlp(rms_norm(h, w["layers.post_attention_layernorm.weight"], config.rms_norm_eps), w)
+    return h, kv_cache
+
+
+def _precision(dtype):
+    if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
+def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_ids, slot_scales,
+            kv_cache=None, cache_index=0, collect_hidden=False, implementation=None):
+    """The whole stack. tokens, positions (B, T); key_valid (B, S) marks keys that may be attended;
+    layer_ids (N,); slot_scales {name: (N,)}; kv_cache (k, v) each (N, B, S, m, h) or None.
+
+    Returns logits (B, T, V) float32, the updated cache, and (if collect_hidden) the residual stream
+    (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output of slot s (before the
+    final norm)."""
+    embed = params["embed_tokens.weight"]
+    dtype = embed.dtype
+    with _precision(dtype):
+        h = embed[tokens]
+        cos, sin = rope_cos_sin(positions, config, dtype)
+        num_keys = key_valid.shape[1]
+        query_slots = cache_index + jnp.arange(tokens.shape[1])
+        causal = jnp.arange(num_keys)[None, :] <= query_slots[:, None]  # (T, S)
+        mask = key_valid[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
+        stacked = {n: a for n, a in params.items() if n.startswith("layers.")}
+
+        def slot(h, xs):
+            layer, scales, cache = xs
+            w = {n: a[layer] for n, a in stacked.items()}
+            for name, s in scales.items():
+                w[name] = scale_tensor(w[name], s)
+            h, cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
+            return h, (h if collect_hidden else None, cache)
+
+        h_out, (hidden, kv_cache) = jax.lax.scan(slot, h, (layer_ids, slot_scales, kv_cache))
+        normed = rms_norm(h_out, params["norm.weight"], config.rms_norm_eps)
+        head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
+        logits = jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(dtype, jnp.float32))
+    if collect_hidden:
+        hidden = jnp.concatenate([h[None], hidden], axis=0)
+    return logits, kv_cache, hidden
+
+
+def default_layer_ids(config: Config) -> jax.Array:
+    return jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("config", "return_hidden", "implementation"))
+def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=None, attention_mask=None,
+            return_hidden: bool = False, implementation: str | None = None):
+    """Logits (B, T, V) float32 for tokens (B, T).
+
+    layer_ids (N,) int: the slots to run (default: every stored layer once).
+    slot_scales {tensor name: (N,)}: per-slot multipliers of layer tensors (identity copies scale
+        o_proj and down_proj by 0; mergekit `scale` parameters; residual gates).
+    attention_mask (B, T): 1 for real tokens, 0 for right padding (positions stay 0..T-1).
+    return_hidden: also return the residual stream per slot, (N + 1, B, T, d).
+    implementation: `jax.nn.dot_product_attention` backend ('xla', 'cudnn' or None for automatic).
+    """
+    TRACE_COUNTS["forward"] += 1
+    tokens = jnp.asarray(tokens, jnp.int32)
+    batch, length = tokens.shape
+    layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    key_valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    logits, _, hidden = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales or {},
+                                collect_hidden=return_hidden, implementation=implementation)
+    return (logits, hidden) if return_hidden else logits
+
+
+# ---- generation --------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("config", "implementation"), donate_argnames=("kv_cache",))
+def _cached_step(params, tokens, positions, key_valid, kv_cache, cache_index, config, layer_ids, slot_scales,
+                 implementation=None):
+    """Run T new tokens against the cache; return last-position logits (B, V) and the updated cache."""
+    TRACE_COUNTS["cached_step"] += 1
+    logits, kv_cache, _ = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales,
+                                  kv_cache=kv_cache, cache_index=cache_index, implementation=implementation)
+    return logits[:, -1], kv_cache
+
+
+def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+    """logits (B, V) -> tokens (B,): argmax when temperature == 0, else nucleus sampling at `top_p`."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)  # always keeps the top token
+    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             layer_ids=None, slot_scales=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             eos_token_ids: Sequence[int] | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens`, stopping a row at EOS.
+
+    Prompts are left-padded to one length; every slot keeps its own KV cache (N, B, S, m, h), also when
+    two slots share weights. `on_token(row, token)` is called as each token is chosen (for streaming).
+    Returns the new tokens of each row, without the EOS token."""
+    layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
+    slot_scales = slot_scales or {}
+    eos = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    total = prompt_len + max_new_tokens
+    dtype = params["embed_tokens.weight"].dtype
+
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    tokens = np.full((batch, prompt_len), pad, np.int32)
+    key_valid = np.zeros((batch, total), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, prompt_len - len(prompt):] = prompt
+        key_valid[row, prompt_len - len(prompt):] = True
+    lengths = np.array([len(p) for p in prompts])
+    positions = np.clip(np.cumsum(key_valid[:, :prompt_len], axis=1) - 1, 0, None).astype(np.int32)
+
+    cache_shape = (len(layer_ids), batch, total, config.num_key_value_heads, config.head_dim)
+    kv_cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
+    key_valid = jnp.asarray(key_valid)
+    logits, kv_cache = _cached_step(params, tokens, positions, key_valid, kv_cache, 0, config, layer_ids,
+                                    slot_scales)
+    rng = jax.random.key(seed)
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    for step in range(max_new_tokens):
+        rng, key = jax.random.split(rng)
+        next_tokens = np.asarray(sample_next(logits, key, temperature, top_p))
+        for row, token in enumerate(next_tokens.tolist()):
+            if done[row]:
+                continue
+            if token in eos:
+                done[row] = True
+                continue
+            outputs[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        step_positions = (lengths + step)[:, None].astype(np.int32)
+        logits, kv_cache = _cached_step(params, next_tokens[:, None].astype(np.int32), step_positions, key_valid,
+                                        kv_cache, prompt_len + step, config, layer_ids, slot_scales)
+    return outputs
+
+
+# ---- the NNX module ----------------------------------------------------------------------------------
+
+
+class _Node(nnx.Module):
+    """A namespace of params addressed by path, mirroring HF's module tree (model.layers.self_attn...)."""
+
+    def __init__(self, tree: dict):
+        for key, value in tree.items():
+            setattr(self, key, _Node(value) if isinstance(value, dict) else nnx.Param(value))
+
+
+class Llama(nnx.Module):
+    """Flax NNX view of a model: its params are `nnx.Param`s at HF-mirroring paths
+    (`model.layers.self_attn.q_proj.weight` etc., stacked over layers), so `nnx.state`, `nnx.Optimizer`
+    and NNX transforms work on it. Calling it runs the one functional `forward`."""
+
+    def __init__(self, config: Config, params: Params):
+        self.config = config
+        self.model = _Node(nest({n: params[n] for n in params}))
+
+    def params(self) -> Params:
+        """The flat param dict (the layout of `expand.params`)."""
+        return flatten(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
+
+    def __call__(self, tokens, **kwargs):
+        return forward(self.params(), tokens, self.config, **kwargs)
+
+
+def cast_params(params: Params, dtype) -> Params:
+    return {name: value.astype(dtype) for name, value in params.items()}
+
+
+def layer_param_names(config: Config) -> list[str]:
+    return [spec.name for spec in tensor_specs(config) if spec.stacked]
+
+
+# ---- a loaded or derived model -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Config and params, with where they came from. Unpacks as `config, params = expand.load(path)`.
+
+    source: the path (or embedded name) the weights and tokenizer were read from.
+    provenance: the base-layer map and history of a grown or pruned model (None for a plain checkpoint).
+    """
+
+    config: Config
+    params: Params
+    source: str | None = None
+    provenance: Provenance | None = None
+
+    def __iter__(self):
+        return iter((self.config, self.params))
+
+    def lineage(self) -> Provenance:
+        """The provenance, or the identity map of a model that is its own base."""
+        return self.provenance or Provenance.identity(self.config, self.source)
