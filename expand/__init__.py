@@ -6,8 +6,14 @@ from expand.io import CheckpointError, load, load_tokenizer, read_config, save
 from expand.model import Llama, Model, forward, generate
 from expand.params import param_count
 from expand.provenance import Provenance
+from expand.surgery.depth import apply_depth, depth_model, depth_to_disk
+from expand.surgery.layerspec import parse_layer_spec
+from expand.surgery.plan import LayerPlan, llama_pro_plan, plan_from_layer_spec, with_identity, with_slot_scale
+from expand.surgery.recipe import plan_from_recipe
 
 __all__ = [
-    "CheckpointError", "Config", "ConfigError", "Llama", "Model", "Provenance", "RopeScaling", "forward",
-    "generate", "load", "load_tokenizer", "param_count", "read_config", "save",
+    "CheckpointError", "Config", "ConfigError", "LayerPlan", "Llama", "Model", "Provenance", "RopeScaling",
+    "apply_depth", "depth_model", "depth_to_disk", "forward", "generate", "llama_pro_plan", "load",
+    "load_tokenizer", "param_count", "parse_layer_spec", "plan_from_layer_spec", "plan_from_recipe",
+    "read_config", "save", "with_identity", "with_slot_scale",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from expand.config import Config
-from expand.params import Params, flatten, nest, tensor_specs
+from expand.params import Params, flatten, nest
 from expand.provenance import Provenance
 
 # How many times each jitted entry point was traced (= compiled); read by tests and sweep reports.
@@ -171,7 +171,8 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
             layer, scales, cache = xs
             w = {n: a[layer] for n, a in stacked.items()}
             for name, s in scales.items():
-                w[name] = scale_tensor(w[name], s)
+                if name in w:  # a plan may scale biases that this model does not have
+                    w[name] = scale_tensor(w[name], s)
             h, cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
             return h, (h if collect_hidden else None, cache)
 
@@ -317,14 +318,6 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, **kwargs):
         return forward(self.params(), tokens, self.config, **kwargs)
-
-
-def cast_params(params: Params, dtype) -> Params:
-    return {name: value.astype(dtype) for name, value in params.items()}
-
-
-def layer_param_names(config: Config) -> list[str]:
-    return [spec.name for spec in tensor_specs(config) if spec.stacked]
 
 
 # ---- a loaded or derived model -----------------------------------------------------------------------

@@ -29,7 +29,7 @@ from expand.provenance import Provenance
 
 __all__ = [
     "CheckpointError", "load", "save", "resolve", "load_tokenizer", "open_source", "read_config",
-    "refuse_existing", "refuse_same_path", "dtype_name",
+    "refuse_existing", "refuse_same_path", "dtype_name", "validate_source", "write_metadata",
 ]
 
 ORBAX_PARAMS = "params"
@@ -81,7 +81,7 @@ def read_config(model: str | Path) -> Config:
     return Config.from_file(path)
 
 
-def _validate_source(config: Config, source) -> None:
+def validate_source(config: Config, source) -> None:
     expected = {name: spec.hf_shape(config) for name, spec, _ in iter_hf_names(config)}
     present = source.names()
     problems = [f"missing {n}" for n in expected if n not in present]
@@ -108,7 +108,7 @@ def _single_device(spec: TensorSpec, shape) -> jax.sharding.Sharding:
 def params_from_source(config: Config, source, dtype=jnp.float32, placement: Placement | None = None,
                        description: str = "loading") -> Params:
     """Build every param array from an HF-layout tensor source, one tensor (or device shard) at a time."""
-    _validate_source(config, source)
+    validate_source(config, source)
     placement = placement or _single_device
     np_dtype = np.dtype(dtype)
     params: Params = {}
@@ -171,13 +171,8 @@ def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, 
         if format == "hf":
             _write_safetensors(tmp, config, params, dtype, parse_size(max_shard_size))
         else:
-            _write_orbax(tmp, params)
-        (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype_name(dtype)), indent=2))
-        _write_generation_config(tmp, config)
-        if tokenizer_from is not None:
-            save_tokenizer(tokenizer_from, tmp)
-        if provenance is not None:
-            provenance.write(tmp)
+            _write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
+        write_metadata(tmp, config, dtype, tokenizer_from, provenance)
     return Path(path)
 
 
@@ -194,13 +189,18 @@ def _write_safetensors(directory: Path, config: Config, params: Params, dtype: n
         write_sharded(directory, entries, produce, max_shard_bytes, on_tensor=lambda e: advance())
 
 
-def _write_generation_config(directory: Path, config: Config) -> None:
-    generation = {k: v for k, v in {
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-    }.items() if v is not None}
+def write_metadata(directory: Path, config: Config, dtype, tokenizer_from=None,
+                   provenance: Provenance | None = None) -> None:
+    """Everything of an output directory but the weights: config.json, generation_config.json, the
+    tokenizer (and chat template), and expand.json (the provenance)."""
+    (directory / "config.json").write_text(json.dumps(config.to_hf(dtype_name(dtype)), indent=2))
+    generation = {k: v for k, v in config.to_hf().items()
+                  if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer_from is not None:
+        save_tokenizer(tokenizer_from, directory)
+    if provenance is not None:
+        provenance.write(directory)
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------

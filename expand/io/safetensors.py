@@ -14,7 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -159,7 +159,7 @@ def write_sharded(directory: Path, entries: list[TensorEntry], produce: Callable
                     raise ValueError(
                         f"{entry.name}: produced {array.shape} {array.dtype}, planned {entry.shape} {entry.dtype}"
                     )
-                f.write(memoryview(array.reshape(-1)).cast("B"))
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
                 if on_tensor is not None:
                     on_tensor(entry)
     if len(shards) > 1:
@@ -181,7 +181,3 @@ def parse_size(size: str | int) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
-
-
-def entries_in_order(names: Iterable[str], shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> list[TensorEntry]:
-    return [TensorEntry(n, tuple(shapes[n]), np.dtype(dtype)) for n in names]

@@ -1,0 +1,148 @@
+"""The `expand` command line: each verb is one library call plus printing.
+
+Exit status: 0 success (for `check`: preserved), 1 `check` found drift, 2 an error (bad input, with a
+message naming the problem and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax.numpy as jnp
+from rich.console import Console
+from rich.table import Table
+
+from expand import io
+from expand.config import ConfigError
+from expand.io.atomic import OutputExistsError
+from expand.io.safetensors import CheckpointError
+from expand.params import param_count
+
+console = Console()
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
+          "fp16": jnp.float16, "float16": jnp.float16, "fp64": jnp.float64, "float64": jnp.float64}
+
+
+def parse_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- show --------------------------------------------------------------------------------------------
+
+
+def cmd_show(args) -> int:
+    from expand.show import describe
+
+    info = describe(args.model, layer_spec=args.layer_spec, recipe=args.recipe)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    table = Table(title=str(args.model), show_header=False)
+    for key, value in info["table"]:
+        table.add_row(key, value)
+    console.print(table)
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------------
+
+
+def chat_prompt(tokenizer, text: str, raw: bool) -> list[int]:
+    """Token ids of `text`, wrapped in the tokenizer's chat template unless `raw` or there is none."""
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return tokenizer(text)["input_ids"]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def cmd_generate(args) -> int:
+    from expand.model import generate
+    from expand.surgery.layerspec import parse_layer_spec
+
+    model = io.load(args.model, dtype=parse_dtype(args.dtype))
+    tokenizer = io.load_tokenizer(model)
+    prompt = chat_prompt(tokenizer, args.prompt, args.raw)
+    layer_ids = None if args.layer_spec is None else parse_layer_spec(args.layer_spec,
+                                                                        model.config.num_hidden_layers)
+    produced: list[int] = []
+    shown = ""
+
+    def stream(row: int, token: int) -> None:
+        nonlocal shown
+        produced.append(token)
+        text = tokenizer.decode(produced, skip_special_tokens=True)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+
+    generate(model.params, model.config, [prompt], args.max_new_tokens, layer_ids=layer_ids,
+             temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
+
+# ---- convert -----------------------------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    io.refuse_same_path(io.resolve(args.src), args.out)
+    io.refuse_existing(args.out, args.force)
+    model = io.load(args.src, dtype=parse_dtype(args.dtype))
+    io.save(args.out, model.config, model.params, tokenizer_from=model, format=args.format,
+            overwrite=args.force, provenance=model.provenance)
+    console.print(f"wrote {args.out} ({args.format}, {args.dtype}, {param_count(model.config):,} parameters)")
+    return 0
+
+
+# ---- the parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expand", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("show", help="architecture, parameter count and size of a model (config.json is enough)")
+    p.add_argument("model", help="HF directory, .gguf file, orbax directory, or 'smollm2'")
+    p.add_argument("--layer-spec", help="show the model this layer spec would build (e.g. 0:8,4:12,8:16)")
+    p.add_argument("--recipe", help="show the model this mergekit passthrough recipe would build")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_show)
+
+    p = verbs.add_parser("generate", help="continue a prompt, streaming tokens")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-spec", help="run a depth plan virtually (shared weights), e.g. 0:10,10:20:2,20:")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--dtype", default="fp32")
+    p.set_defaults(run=cmd_generate)
+
+    p = verbs.add_parser("convert", help="GGUF / HF / orbax -> HF or orbax")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--format", choices=("hf", "orbax"), default="hf")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, CheckpointError, ConfigError, OutputExistsError) as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
