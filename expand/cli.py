@@ -99,6 +99,48 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---- depth -------------------------------------------------------------------------------------------
+
+
+def depth_plan(config, args):
+    """The LayerPlan a depth command asks for: --layer-spec, --recipe or --llama-pro, then --identity."""
+    from expand.surgery.plan import llama_pro_plan, with_identity
+    from expand.show import plan_for
+
+    chosen = [a for a in (args.layer_spec, args.recipe, args.llama_pro) if a is not None]
+    if len(chosen) != 1:
+        raise ValueError("give exactly one of --layer-spec, --recipe, --llama-pro")
+    if args.llama_pro is not None:
+        plan = llama_pro_plan(config.num_hidden_layers, args.llama_pro)
+    else:
+        plan = plan_for(config, args.layer_spec, args.recipe)
+    if args.identity == "duplicates":
+        plan = with_identity(plan, duplicates=True)
+    elif args.identity:
+        plan = with_identity(plan, slots=parse_int_list(args.identity, "--identity"))
+    return plan
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes 'duplicates' or comma-separated slot numbers, got {text!r}") from None
+
+
+def cmd_depth(args) -> int:
+    from expand.surgery.depth import depth_to_disk, recipe_models
+
+    config = io.read_config(args.model)
+    plan = depth_plan(config, args)
+    out = depth_to_disk(args.model, args.out, plan, models=recipe_models(plan, args.model),
+                        dtype=parse_dtype(args.dtype) if args.dtype else None,
+                        max_shard_size=args.max_shard_size, overwrite=args.force)
+    console.print(f"wrote {out}: {plan.num_layers} layers ({plan.layer_map()}), "
+                  f"{param_count(config, plan.layer_ids):,} parameters")
+    return 0
+
+
 # ---- the parser --------------------------------------------------------------------------------------
 
 
@@ -132,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=cmd_convert)
+
+    p = verbs.add_parser("depth", help="duplicate, delete or reorder layers into a new checkpoint (streamed)")
+    p.add_argument("model", help="source model (for a multi-model recipe: the first slice's model)")
+    p.add_argument("out")
+    p.add_argument("--layer-spec", help="chatllm.cpp-style spec, e.g. 0:8,4:12,8:16 or 0:10,10:20:2,20:")
+    p.add_argument("--recipe", help="a mergekit passthrough YAML (single-model recipes apply to MODEL)")
+    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS",
+                   help="LLaMA-Pro block expansion to NEW_LAYERS layers (identity copies)")
+    p.add_argument("--identity", metavar="duplicates|SLOTS",
+                   help="identity-initialise (zero o_proj and down_proj) the duplicated slots or the listed slots")
+    p.add_argument("--dtype", help="output dtype (default: the recipe's, else the source's)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=cmd_depth)
     return parser
 
 

@@ -92,6 +92,14 @@ def depth_model(model: Model, plan: LayerPlan, models: Mapping[str, Model] | Non
     return Model(config, params, model.source, lineage)
 
 
+def recipe_models(plan: LayerPlan, first_model) -> dict[str, str]:
+    """For a multi-model recipe, where each of its models is: the recipe's names as paths, except the
+    first slice's model, which is `first_model` (the MODEL argument)."""
+    if not plan.models:
+        return {}
+    return {name: (str(first_model) if name == plan.embed_model else name) for name in plan.models}
+
+
 def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models: Mapping[str, str | Path] | None = None,
                   dtype=None, max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
     """Stream a plan from one checkpoint (HF safetensors or GGUF) into a new HF directory, one tensor at a
