@@ -10,10 +10,11 @@ from expand.surgery.depth import apply_depth, depth_model, depth_to_disk
 from expand.surgery.layerspec import parse_layer_spec
 from expand.surgery.plan import LayerPlan, llama_pro_plan, plan_from_layer_spec, with_identity, with_slot_scale
 from expand.surgery.recipe import plan_from_recipe
+from expand.surgery.width import widen
 
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "LayerPlan", "Llama", "Model", "Provenance", "RopeScaling",
     "apply_depth", "depth_model", "depth_to_disk", "forward", "generate", "llama_pro_plan", "load",
     "load_tokenizer", "param_count", "parse_layer_spec", "plan_from_layer_spec", "plan_from_recipe",
-    "read_config", "save", "with_identity", "with_slot_scale",
+    "read_config", "save", "widen", "with_identity", "with_slot_scale",
 ]

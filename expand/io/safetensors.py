@@ -1,10 +1,10 @@
 """Safetensors in and out, one tensor at a time.
 
-Reading goes through the `safetensors` library (memory-mapped; a tensor is copied only when asked for).
-Writing is our own streaming writer: each shard's header is written first (shapes and dtypes are known in
+Both directions are our own code on the standard format (8-byte little-endian header length, JSON header,
+raw data). Reading copies one tensor at a time out of the file (no memory map, whose touched pages would
+count as resident memory until the whole file set had been read). Writing is a streaming writer: each shard's header is written first (shapes and dtypes are known in
 advance), then each tensor's bytes as it is produced, so peak memory is the largest single tensor, not a
-shard. The files are the standard format (8-byte little-endian header length, JSON header, raw data) and
-are read back by the `safetensors` library and transformers.
+shard. The files are read back by the `safetensors` library and transformers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,43 +36,87 @@ class CheckpointError(ValueError):
     """A checkpoint on disk that cannot be read as it claims to be."""
 
 
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    path: Path
+    offset: int  # absolute byte offset of the data in the file
+    shape: tuple[int, ...]
+    dtype: str  # safetensors code: F32, BF16, ...
+
+
 class SafetensorsSource:
-    """HF tensors of a model directory (single file or sharded with an index), read lazily by name."""
+    """HF tensors of a model directory (single file or sharded with an index), read lazily by name.
+
+    Each read copies one tensor from the file into fresh memory (no memory map), so reading a checkpoint
+    tensor by tensor keeps resident memory at about one tensor, however large the files are."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._files: dict[str, Path] = _weight_map(self.directory)
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, dict[str, StoredTensor]] = {}
 
     def names(self) -> set[str]:
         return set(self._files)
 
-    def _handle(self, name: str):
+    def _stored(self, name: str) -> StoredTensor:
         path = self._files[name]
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(
-                    f"{path} is not a readable safetensors file ({e}); it may be truncated or still being "
-                    "written: re-download or re-save it"
-                ) from e
-        return self._handles[path]
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        if name not in self._headers[path]:
+            raise CheckpointError(f"the index puts {name} in {path.name}, but that file does not hold it")
+        return self._headers[path][name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._stored(name).shape
 
     def dtype(self, name: str) -> str:
-        return self._handle(name).get_slice(name).get_dtype()
+        return self._stored(name).dtype
 
     def read(self, name: str) -> np.ndarray:
-        try:
-            return self._handle(name).get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {name} from {self._files[name]}: {e}") from e
+        stored = self._stored(name)
+        if stored.dtype not in CODE_DTYPES:
+            raise CheckpointError(f"{name} is stored as {stored.dtype}, which expand does not read")
+        dtype = CODE_DTYPES[stored.dtype]
+        buffer = np.empty(math.prod(stored.shape) * dtype.itemsize, np.uint8)
+        with open(stored.path, "rb") as f:
+            f.seek(stored.offset)
+            if f.readinto(buffer) != buffer.size:
+                raise CheckpointError(f"{stored.path} ends inside {name}: the file is truncated; re-download or re-save it")
+        return buffer.view(dtype).reshape(stored.shape)
 
     def file_bytes(self) -> int:
         return sum(p.stat().st_size for p in set(self._files.values()))
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file declares, checked against the file's size."""
+    size = path.stat().st_size
+    broken = f"{path} is not a readable safetensors file"
+    fix = "it may be truncated or still being written: re-download or re-save it"
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{broken} (shorter than its 8-byte header length); {fix}")
+        (length,) = struct.unpack("<Q", prefix)
+        if 8 + length > size:
+            raise CheckpointError(f"{broken} (its header says {length} bytes, the file is {size}); {fix}")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise CheckpointError(f"{broken} (its header is not JSON: {e}); {fix}") from e
+    header.pop("__metadata__", None)
+    tensors, end = {}, 0
+    for name, entry in header.items():
+        begin, stop = entry["data_offsets"]
+        tensors[name] = StoredTensor(path, 8 + length + begin, tuple(entry["shape"]), entry["dtype"])
+        end = max(end, stop)
+    if 8 + length + end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + length + end:,} bytes but the file "
+                              f"has {size:,}; re-download or re-save it")
+    return tensors
 
 
 def _weight_map(directory: Path) -> dict[str, Path]:
@@ -87,13 +130,7 @@ def _weight_map(directory: Path) -> dict[str, Path]:
         return files
     single = directory / SINGLE_FILE
     if single.exists():
-        try:
-            with safe_open(str(single), framework="numpy") as f:
-                return {name: single for name in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"{single} is not a readable safetensors file ({e}); it may be truncated: re-download or re-save it"
-            ) from e
+        return {name: single for name in read_header(single)}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(
             f"{directory} holds PyTorch pickles, not safetensors: re-save it with "
