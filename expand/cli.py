@@ -141,6 +141,58 @@ def cmd_depth(args) -> int:
     return 0
 
 
+# ---- widen -------------------------------------------------------------------------------------------
+
+
+SIZE_OPTIONS = {"hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+
+
+def widen_sizes(args) -> dict:
+    """Target sizes from --like (another config) and the explicit size options, which win."""
+    sizes = {}
+    if args.like:
+        like = io.read_config(args.like)
+        sizes = {field: getattr(like, field) for field in SIZE_OPTIONS.values()}
+    for option, field in SIZE_OPTIONS.items():
+        if getattr(args, option) is not None:
+            sizes[field] = getattr(args, option)
+    if not sizes:
+        raise ValueError("give the target sizes: --like CONFIG_OR_MODEL and/or --hidden-size, --num-heads, "
+                         "--num-kv-heads, --intermediate-size")
+    return sizes
+
+
+def cmd_widen(args) -> int:
+    from expand.show import human_count
+    from expand.surgery.width import widen_to_disk, width_plan
+
+    config = io.read_config(args.model)
+    options = dict(mode=args.mode, fill=args.fill, triangular=args.triangular, noise=args.noise, seed=args.seed,
+                   donor_layers=args.donor_layers)
+    donor = io.read_config(args.donor) if args.donor else None
+    plan = width_plan(config, donor=donor, **widen_sizes(args), **options)
+    new = plan.config
+    table = Table(title=f"{args.model} widened ({args.mode})")
+    for column in ("", "base", "widened"):
+        table.add_column(column)
+    for label, field in [("hidden size", "hidden_size"), ("attention heads", "num_attention_heads"),
+                         ("kv heads", "num_key_value_heads"), ("intermediate size", "intermediate_size"),
+                         ("head_dim", "head_dim"), ("layers", "num_hidden_layers"), ("rms_norm_eps", "rms_norm_eps")]:
+        table.add_row(label, str(getattr(config, field)), str(getattr(new, field)))
+    before, after = param_count(config), param_count(new)
+    table.add_row("parameters", f"{before:,} ({human_count(before)})", f"{after:,} ({human_count(after)})")
+    console.print(table)
+    if args.dry_run:
+        return 0
+    if args.out is None:
+        raise ValueError("give OUT (or --dry-run to see the shapes only)")
+    widen_to_disk(args.model, args.out, donor=args.donor, dtype=parse_dtype(args.dtype) if args.dtype else None,
+                  max_shard_size=args.max_shard_size, overwrite=args.force, **widen_sizes(args), **options)
+    console.print(f"wrote {args.out}")
+    return 0
+
+
 # ---- the parser --------------------------------------------------------------------------------------
 
 
@@ -188,6 +240,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=cmd_depth)
+
+    p = verbs.add_parser("widen", help="grow hidden size, heads and MLP width (streamed; exact by default)")
+    p.add_argument("model")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--num-kv-heads", type=int)
+    p.add_argument("--intermediate-size", type=int)
+    p.add_argument("--like", help="take the target sizes from this model or config directory")
+    p.add_argument("--donor", help="a wider model of the same family whose weights fill the new blocks")
+    p.add_argument("--donor-layers", help="'proportional' when the donor has another depth")
+    p.add_argument("--mode", default="exact", choices=("exact", "frankenllama", "zero-norm", "duplicate"))
+    p.add_argument("--triangular", action="store_true", help="frankenllama: new rows also read old inputs")
+    p.add_argument("--fill", default="random", choices=("random", "zeros"), help="new values without a donor")
+    p.add_argument("--noise", type=float, default=0.0, help="duplicate: zero-sum symmetry-breaking noise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print shapes and parameter count; write nothing")
+    p.add_argument("--dtype", help="output dtype (default: the source's)")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=cmd_widen)
     return parser
 
 

@@ -246,3 +246,39 @@ def test_donor_refusals():
                       donor_layers="proportional").donor_layers == (0, 1, 3, 4)
     with pytest.raises(ValueError, match="integer factor"):
         width_plan(BASE, hidden_size=48, mode="duplicate")
+
+
+# ---- on disk ------------------------------------------------------------------------------------------------
+
+
+def test_dry_run_of_frankenllama_13b_to_33b_width(capsys):
+    from pathlib import Path
+
+    from expand.cli import main
+
+    configs = Path(__file__).parents[1] / "experiments" / "configs"
+    assert main(["widen", str(configs / "llama-2-13b"), "--like", str(configs / "llama-1-33b"), "--dry-run"]) == 0
+    assert "21,827,959,296" in capsys.readouterr().out
+
+
+def test_expand_widen_on_disk_equals_in_memory_and_loads_in_transformers(tmp_path, tiny_checkpoint):
+    from expand.cli import main
+    from tests.conftest import make_hf_checkpoint, torch_logits, torch_reference
+
+    donor = make_hf_checkpoint(tmp_path / "donor", seed=5, hidden_size=128, num_attention_heads=16,
+                               num_key_value_heads=4, intermediate_size=256, num_hidden_layers=8)
+    args = ["--hidden-size", "96", "--num-heads", "12", "--num-kv-heads", "3", "--intermediate-size", "200",
+            "--donor", str(donor), "--donor-layers", "proportional"]
+    assert main(["widen", str(tiny_checkpoint), str(tmp_path / "wide"), *args, "--max-shard-size", "100KB"]) == 0
+    on_disk = expand.load(tmp_path / "wide")
+    config, params = expand.load(tiny_checkpoint)
+    d = expand.load(donor)
+    _, in_memory = expand.widen(config, params, hidden_size=96, num_attention_heads=12, num_key_value_heads=3,
+                                intermediate_size=200, donor=(d.config, d.params), donor_layers="proportional")
+    for name in in_memory:
+        np.testing.assert_array_equal(np.asarray(on_disk.params[name]), np.asarray(in_memory[name]), err_msg=name)
+    tokens = random_tokens(256, (1, 64), seed=8)
+    reference = torch_reference(tmp_path / "wide")
+    assert reference.config.hidden_size == 96
+    assert np.abs(torch_logits(reference, tokens) - torch_logits(torch_reference(tiny_checkpoint), tokens)).max() <= 1e-4
+    assert on_disk.provenance.base_hidden_size == 64

@@ -23,13 +23,14 @@ from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
 from expand.io.safetensors import CheckpointError, SafetensorsSource, TensorEntry, parse_size, write_sharded
 from expand.model import Model
-from expand.params import Params, TensorSpec, check_params, flatten, iter_hf_names, nest, tensor_specs
+from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
+                            tensor_specs)
 from expand.progress import progress_bar
 from expand.provenance import Provenance
 
 __all__ = [
     "CheckpointError", "load", "save", "resolve", "load_tokenizer", "open_source", "read_config",
-    "refuse_existing", "refuse_same_path", "dtype_name", "validate_source", "write_metadata",
+    "refuse_existing", "refuse_same_path", "dtype_name", "source_dtype", "validate_source", "write_metadata",
 ]
 
 ORBAX_PARAMS = "params"
@@ -99,6 +100,15 @@ def validate_source(config: Config, source) -> None:
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(f"the checkpoint does not match its config: {shown}")
+
+
+def source_dtype(source) -> np.dtype:
+    """The stored dtype of a checkpoint's weights (float32 for GGUF, which is dequantized)."""
+    if not isinstance(source, SafetensorsSource):
+        return np.dtype(np.float32)
+    from expand.io.safetensors import CODE_DTYPES
+
+    return CODE_DTYPES[source.dtype(spec_by_name("embed_tokens.weight").hf_name())]
 
 
 def _single_device(spec: TensorSpec, shape) -> jax.sharding.Sharding:

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config
-from expand.io import open_source, resolve, validate_source, write_metadata
+from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
 from expand.io.atomic import atomic_dir, refuse_same_path
 from expand.io.safetensors import TensorEntry, parse_size, write_sharded
 from expand.model import Model, scale_tensor
-from expand.params import Params, spec_by_name, tensor_specs
+from expand.params import Params, tensor_specs
 from expand.progress import progress_bar
 from expand.provenance import Provenance
 from expand.surgery.plan import LayerPlan
@@ -120,7 +120,7 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
     _check_models(config, plan, others)
     new_config = depth_config(config, plan)
     cast_in = np.dtype(jnp.dtype(plan.dtype)) if plan.dtype else None
-    out_dtype = np.dtype(jnp.dtype(dtype or plan.out_dtype or plan.dtype or _source_dtype(source)))
+    out_dtype = np.dtype(jnp.dtype(dtype or plan.out_dtype or plan.dtype or source_dtype(source)))
 
     # (output HF name) -> (source, source HF name, scale)
     recipe: dict[str, tuple[object, str, float]] = {}
@@ -152,11 +152,3 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
         write_metadata(tmp, new_config, out_dtype, model, provenance)
     return Path(out)
-
-
-def _source_dtype(source):
-    """The stored dtype of a safetensors checkpoint (float32 for GGUF, which is dequantized)."""
-    if not hasattr(source, "dtype"):
-        return jnp.float32
-    code = source.dtype(spec_by_name("embed_tokens.weight").hf_name())
-    return {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16, "F64": jnp.float64}[code]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
@@ -353,6 +354,16 @@ def widen(config: Config, params: Params, *, hidden_size=None, num_attention_hea
     return plan.config, apply_width(plan, config, params, None if donor is None else donor[1])
 
 
+def widen_model(model, donor=None, **sizes_and_options):
+    """`widen` on a `Model` (donor: a `Model` or None), recording the widening in its provenance."""
+    from expand.model import Model
+
+    config, params = widen(model.config, model.params, donor=None if donor is None else (donor.config, donor.params),
+                           **sizes_and_options)
+    plan_json = {"op": "widen", **{k: v for k, v in sizes_and_options.items()}}
+    return Model(config, params, model.source, model.lineage().after_width(plan_json))
+
+
 def apply_width(plan: WidthPlan, config: Config, params: Params, donor_params: Params | None) -> Params:
     new: Params = {}
     for spec in tensor_specs(config):
@@ -367,3 +378,50 @@ def apply_width(plan: WidthPlan, config: Config, params: Params, donor_params: P
             layers.append(grow_one(plan, spec, base[layer], donor, layer, config))
         new[spec.name] = jnp.stack(layers)
     return new
+
+
+def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | int = "2GB",
+                  overwrite: bool = False, **sizes_and_options) -> Path:
+    """`widen` from checkpoint to checkpoint, one output tensor (one layer) at a time: each is read from
+    the base (and donor), grown and written before the next is read. Same values as `widen` in memory."""
+    from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
+    from expand.io.atomic import atomic_dir, refuse_same_path
+    from expand.io.safetensors import TensorEntry, parse_size, write_sharded
+    from expand.progress import progress_bar
+    from expand.provenance import Provenance
+
+    path = resolve(model)
+    refuse_same_path(path, out)
+    source, hf = open_source(path)
+    config = Config.from_hf(hf)
+    validate_source(config, source)
+    donor_source = donor_config = None
+    if donor is not None:
+        donor_source, donor_hf = open_source(resolve(donor))
+        donor_config = Config.from_hf(donor_hf)
+        validate_source(donor_config, donor_source)
+    plan = width_plan(config, donor=donor_config, **sizes_and_options)
+    out_dtype = np.dtype(dtype) if dtype is not None else None
+    jobs = {}
+    for spec in tensor_specs(config):
+        for layer in (range(config.num_hidden_layers) if spec.stacked else [None]):
+            jobs[spec.hf_name(layer)] = (spec, layer)
+
+    def produce(entry: TensorEntry) -> np.ndarray:
+        spec, layer = jobs[entry.name]
+        base = jnp.asarray(spec.from_hf(source.read(spec.hf_name(layer)), config))
+        donor_array = None
+        if donor_source is not None:
+            donor_layer = None if layer is None else plan.donor_layers[layer]
+            donor_array = jnp.asarray(spec.from_hf(donor_source.read(spec.hf_name(donor_layer)), donor_config))
+        grown = grow_one(plan, spec, base, donor_array, layer, config)
+        return spec.to_hf(np.asarray(grown), plan.config).astype(entry.dtype)
+
+    out_dtype = out_dtype or source_dtype(source)
+    entries = [TensorEntry(name, spec.hf_shape(plan.config), out_dtype) for name, (spec, _) in jobs.items()]
+    provenance = (Provenance.read(path) if path.is_dir() else None) or Provenance.identity(config, str(model))
+    with atomic_dir(out, overwrite) as tmp:
+        with progress_bar(f"widening into {Path(out).name}", total=len(entries)) as advance:
+            write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
+        write_metadata(tmp, plan.config, out_dtype, model, provenance.after_width(plan.to_json()))
+    return Path(out)
