@@ -20,7 +20,7 @@ from expand.io.atomic import OutputExistsError
 from expand.io.safetensors import CheckpointError
 from expand.params import param_count
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
           "fp16": jnp.float16, "float16": jnp.float16, "fp64": jnp.float64, "float64": jnp.float64}
 
@@ -193,6 +193,59 @@ def cmd_widen(args) -> int:
     return 0
 
 
+# ---- check -------------------------------------------------------------------------------------------
+
+
+def print_reports(reports, title: str) -> None:
+    from expand.check import summary_row
+
+    rows = [summary_row(r) for r in reports]
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in rows:
+        style = "green" if row["verdict"] == "preserved" else "red"
+        table.add_row(*[f"[{style}]{v}[/]" if k == "verdict" else v for k, v in row.items()])
+    console.print(table)
+
+
+def cmd_check(args) -> int:
+    from expand.check import check, plot_layers
+    from expand.text import random_batch, read_texts
+
+    if (args.candidate is None) == (args.layer_spec is None):
+        raise ValueError("give a CANDIDATE model or --layer-spec (a virtual candidate on the base), not both")
+    base = io.load(args.base)
+    tokens = None
+    if args.random_tokens:
+        tokens = random_batch(base.config.vocab_size, args.seq_len, args.num_sequences)
+    text = read_texts(args.text) if args.text else None
+    candidate = args.candidate if args.candidate is not None else args.layer_spec
+    if args.layer_spec is not None:
+        from expand.surgery.plan import plan_from_layer_spec
+
+        candidate = plan_from_layer_spec(args.layer_spec, base.config.num_hidden_layers)
+    report = check(base, candidate, tokens=tokens, text=text, dtype=args.dtype, seq_len=args.seq_len,
+                   num_sequences=args.num_sequences)
+    print_reports([report], f"{args.base} vs {report.candidate} ({args.dtype}, tokens {report.tokens})")
+    drifting = [layer for layer in report.layers if layer["drifted"]]
+    if report.first_drift_layer is not None:
+        console.print(f"first layer out of the floor: slot {report.first_drift_layer} "
+                      f"(base layer {report.layers[report.first_drift_layer]['base_layer']}); "
+                      f"{len(drifting)} of {len(report.layers)} slots drift")
+    if args.json:
+        report.write_json(args.json)
+    if args.plot:
+        plot_layers([report], args.plot)
+    return 0 if report.preserved else 1
+
+
+def cmd_demo(args) -> int:
+    from expand.demo import run_demo
+
+    return run_demo(args.out, overwrite=args.force, seq_len=args.seq_len, num_sequences=args.num_sequences)
+
+
 # ---- the parser --------------------------------------------------------------------------------------
 
 
@@ -261,6 +314,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=cmd_widen)
+
+    p = verbs.add_parser("check", help="is CANDIDATE the same function as BASE? (exit 0 preserved, 1 drifted)")
+    p.add_argument("base")
+    p.add_argument("candidate", nargs="?", help="a model path; or omit it and give --layer-spec")
+    p.add_argument("--layer-spec", help="check BASE run virtually with this layer spec")
+    p.add_argument("--text", nargs="+", help="text files to evaluate on (default: expand's own documentation)")
+    p.add_argument("--random-tokens", action="store_true", help="use random tokens instead of text")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp64"))
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--num-sequences", type=int, default=4)
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--plot", help="write a PNG of drift per layer here")
+    p.set_defaults(run=cmd_check)
+
+    p = verbs.add_parser("demo", help="grow, prune and widen the embedded SmolLM2 and check each variant")
+    p.add_argument("--out", default="expand-demo", help="report directory")
+    p.add_argument("--force", action="store_true", help="replace the report directory if it exists")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--num-sequences", type=int, default=4)
+    p.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -15,7 +15,7 @@ FILE_NAME = "expand.json"
 
 @dataclass(frozen=True)
 class Provenance:
-    """layer_map[s] = the base layer whose output the output of layer s corresponds to.
+    """layer_map[s] = the base layer whose output the output of layer s corresponds to (-1: the embeddings).
     base_hidden_size: residual coordinates [0, base_hidden_size) are the base model's."""
 
     base: str | None
@@ -29,10 +29,15 @@ class Provenance:
         layers = config.num_hidden_layers
         return cls(base, tuple(range(layers)), config.hidden_size, layers)
 
-    def after_depth(self, source_layers, operation: dict) -> Provenance:
-        """Slots s of the new model run layer source_layers[s] of this one."""
-        return Provenance(self.base, tuple(self.layer_map[int(i)] for i in source_layers),
-                          self.base_hidden_size, self.base_num_layers, self.history + (operation,))
+    def after_depth(self, source_layers, operation: dict, identity_slots=()) -> Provenance:
+        """Slots s of the new model run layer source_layers[s] of this one. An identity slot adds nothing,
+        so its output corresponds to the previous slot's (-1: the embeddings)."""
+        identity = set(int(i) for i in identity_slots)
+        new: list[int] = []
+        for slot, layer in enumerate(source_layers):
+            new.append((new[-1] if new else -1) if slot in identity else self.layer_map[int(layer)])
+        return Provenance(self.base, tuple(new), self.base_hidden_size, self.base_num_layers,
+                          self.history + (operation,))
 
     def after_width(self, operation: dict) -> Provenance:
         return Provenance(self.base, self.layer_map, self.base_hidden_size, self.base_num_layers,

@@ -92,7 +92,7 @@ def describe(model, layer_spec: str | None = None, recipe: str | None = None) ->
     plan = plan_for(config, layer_spec, recipe)
     if plan is not None:
         new_count = param_count(config, plan.layer_ids)
-        identity = [i for i, s in enumerate(plan.slots) if dict(s.scales).get("layers.mlp.down_proj.weight") == 0]
+        identity = plan.identity_slots
         rows += [
             ("plan", plan.description),
             ("new layers", str(plan.num_layers)),

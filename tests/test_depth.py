@@ -194,7 +194,7 @@ def test_expand_depth_output_loads_in_transformers_and_matches_expand(tmp_path, 
     assert reference.config.num_hidden_layers == 6
     tokens = random_tokens(256, (1, 80), seed=9)
     grown = expand.load(out)
-    assert list(grown.provenance.layer_map) == [0, 1, 2, 1, 2, 3]
+    assert list(grown.provenance.layer_map) == [0, 1, 2, 2, 2, 3]  # identity copies correspond to layer 2
     ours = np.asarray(expand.forward(grown.params, tokens, grown.config))
     assert np.abs(ours - torch_logits(reference, tokens)).max() <= 1e-4
     base = torch_logits(torch_reference(tiny_checkpoint), tokens)

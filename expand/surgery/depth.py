@@ -88,7 +88,7 @@ def depth_model(model: Model, plan: LayerPlan, models: Mapping[str, Model] | Non
     """apply_depth on a Model, carrying its provenance forward (slot -> base layer)."""
     others = {name: (m.config, m.params) for name, m in (models or {}).items()}
     config, params = apply_depth(model.config, model.params, plan, others)
-    lineage = model.lineage().after_depth(plan.layer_ids, {"op": "depth", **plan.to_json()})
+    lineage = plan.lineage_after(model.lineage())
     return Model(config, params, model.source, lineage)
 
 
@@ -145,8 +145,7 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
         return array.astype(out_dtype)
 
     provenance = Provenance.read(path) if path.is_dir() else None
-    provenance = (provenance or Provenance.identity(config, str(model))).after_depth(
-        plan.layer_ids, {"op": "depth", **plan.to_json()})
+    provenance = plan.lineage_after(provenance or Provenance.identity(config, str(model)))
     with atomic_dir(out, overwrite) as tmp:
         with progress_bar(f"writing {Path(out).name}", total=len(entries)) as advance:
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())

@@ -74,6 +74,15 @@ class LayerPlan:
     def is_single_model(self) -> bool:
         return all(s.model is None for s in self.slots) and not self.models
 
+    @property
+    def identity_slots(self) -> list[int]:
+        """Slots whose residual branches are scaled to zero (they add nothing to the residual stream)."""
+        return [i for i, s in enumerate(self.slots) if all(s.scale_of(n) == 0.0 for n in BRANCH_OUTPUTS)]
+
+    def lineage_after(self, provenance):
+        """The provenance of a model built by this plan from a model with `provenance`."""
+        return provenance.after_depth(self.layer_ids, {"op": "depth", **self.to_json()}, self.identity_slots)
+
     def layer_map(self) -> str:
         return format_layer_map(self.layer_ids.tolist())
 

@@ -1,0 +1,54 @@
+"""Evaluation text: real English, never downloaded. The default is expand's own documentation (the
+docstrings of its modules, which were written for it and ship inside it); any text files can be given
+instead. Random tokens only when asked for."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+
+PACKAGE = Path(__file__).parent
+
+
+def default_text() -> str:
+    """Every docstring of the expand package (modules, classes, functions), in file order."""
+    parts = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc.split()) >= 8:
+                    parts.append(doc)
+    return "\n\n".join(dict.fromkeys(parts))
+
+
+def read_texts(paths) -> str:
+    texts = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no text file at {path}")
+        texts.append(path.read_text(errors="replace"))
+    return "\n\n".join(texts)
+
+
+def token_batch(model, text: str | None, seq_len: int, num_sequences: int) -> np.ndarray:
+    """(num_sequences, seq_len) token ids: consecutive windows of the tokenized text (default text if None).
+    Refuses a text too short for the batch instead of padding it."""
+    from expand.io import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    ids = tokenizer(text if text is not None else default_text())["input_ids"]
+    need = seq_len * num_sequences
+    if len(ids) < need:
+        fewer = max(1, len(ids) // seq_len)
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than {num_sequences} x {seq_len}: give more text "
+                         f"or fewer sequences (it fills {fewer} of {seq_len})")
+    return np.asarray(ids[:need], np.int32).reshape(num_sequences, seq_len)
+
+
+def random_batch(vocab_size: int, seq_len: int, num_sequences: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, (num_sequences, seq_len)).astype(np.int32)

@@ -1,0 +1,106 @@
+"""The function-preservation check: verdicts, the first drifting layer, the measured floor, exit codes,
+and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import expand
+from expand.check import check, run_base
+from expand.cli import main
+from expand.surgery.width import widen_model
+from tests.conftest import make_hf_checkpoint, random_tokens
+
+
+@pytest.fixture(scope="module")
+def base(tiny_checkpoint):
+    return expand.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return random_tokens(256, (2, 128), seed=12)
+
+
+@pytest.fixture(scope="module")
+def base_run(base, tokens):
+    return run_base(base, tokens, "fp32")
+
+
+def test_floor_is_measured(base_run):
+    assert 1e-8 < base_run.floor < 1e-4  # fp32 vs fp64 of the same model on these tokens
+    assert len(base_run.layer_floor) == 5 and all(f > 0 for f in base_run.layer_floor[1:])
+
+
+@pytest.mark.parametrize("build, verdict", [
+    (lambda m: expand.with_identity(expand.plan_from_layer_spec("0:3,1:", 4), duplicates=True), "preserved"),
+    (lambda m: widen_model(m, hidden_size=96, num_attention_heads=12, num_key_value_heads=3), "preserved"),
+    (lambda m: widen_model(m, hidden_size=128, num_attention_heads=16, num_key_value_heads=4, intermediate_size=320,
+                           mode="duplicate"), "preserved"),
+    (lambda m: expand.plan_from_layer_spec("0:3,1:", 4), "drifted"),
+    (lambda m: expand.plan_from_layer_spec("0,1,3", 4), "drifted"),
+    (lambda m: widen_model(m, hidden_size=96, num_attention_heads=12, num_key_value_heads=3, mode="frankenllama"),
+     "drifted"),
+])
+def test_verdicts(base, tokens, base_run, build, verdict):
+    report = check(base, build(base), tokens=tokens, base_run=base_run)
+    print(report.candidate, report.verdict, f"{report.max_abs_logit_delta:.2e}", f"floor {report.floor:.1e}")
+    assert report.verdict == verdict
+    if verdict == "preserved":
+        assert report.top1_agreement == 1.0 and report.first_drift_layer is None
+    else:
+        assert report.max_abs_logit_delta > 100 * report.floor and report.mean_kl > 0
+
+
+def test_names_the_first_drifting_layer_of_a_change_in_the_middle(base, tokens, base_run):
+    plan = expand.with_slot_scale(expand.plan_from_layer_spec("all", 4), 2, "layers.mlp.down_proj.weight", 0.7)
+    report = check(base, plan, tokens=tokens, base_run=base_run)
+    assert report.verdict == "drifted"
+    assert report.first_drift_layer == 2
+    assert [layer["drifted"] for layer in report.layers] == [False, False, True, True]
+
+
+def test_deletion_drifts_from_the_slot_after_the_gap(base, tokens, base_run):
+    report = check(base, "0,1,3", tokens=tokens, base_run=base_run)
+    assert [layer["base_layer"] for layer in report.layers] == [0, 1, 3]
+    assert report.first_drift_layer == 2
+
+
+def test_check_on_smollm2(smollm2, license_tokens):
+    tokens = license_tokens[:, :512]
+    run = run_base(smollm2, tokens, "fp32")
+    assert check(smollm2, expand.llama_pro_plan(30, 36), tokens=tokens, base_run=run).preserved
+    pruned = check(smollm2, "0:20,25:", tokens=tokens, base_run=run)
+    assert pruned.verdict == "drifted" and pruned.first_drift_layer == 20
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+
+
+def test_exit_codes_and_outputs(tmp_path, tiny_checkpoint):
+    out = tmp_path / "grown"
+    assert main(["depth", str(tiny_checkpoint), str(out), "--layer-spec", "0:3,1:", "--identity", "duplicates"]) == 0
+    common = ["--random-tokens", "--seq-len", "64", "--num-sequences", "2"]
+    assert main(["check", str(tiny_checkpoint), str(out), *common, "--json", str(tmp_path / "r.json"),
+                 "--plot", str(tmp_path / "r.png")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verdict"] == "preserved"
+    assert [x["base_layer"] for x in report["layers"]] == [0, 1, 2, 2, 2, 3]  # identity copies repeat layer 2
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    assert main(["check", str(tiny_checkpoint), "--layer-spec", "0:3,1:", *common]) == 1
+    assert main(["check", str(tiny_checkpoint), str(tmp_path / "missing"), *common]) == 2
+
+
+def test_bad_input(tmp_path, tiny_checkpoint, base, tokens, capsys):
+    other_vocab = make_hf_checkpoint(tmp_path / "vocab", vocab_size=300)
+    with pytest.raises(ValueError, match="vocab"):
+        check(base, other_vocab, tokens=tokens)
+    deeper = make_hf_checkpoint(tmp_path / "deeper", num_hidden_layers=6)
+    with pytest.raises(ValueError, match="no provenance"):
+        check(base, deeper, tokens=tokens)
+    assert main(["check", str(tiny_checkpoint), str(deeper), "--random-tokens"]) == 2
+    assert "no provenance" in capsys.readouterr().err
+    np.testing.assert_equal(base.config.num_hidden_layers, 4)
