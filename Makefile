@@ -8,10 +8,10 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 .PHONY: demo test setup clean
 
 demo: $(VENV)/.runtime
-	$(BIN)/expand demo
+	$(BIN)/expand demo --force
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 setup: $(VENV)/.test
 
@@ -25,4 +25,4 @@ $(VENV)/.test: $(VENV)/.runtime
 	touch $@
 
 clean:
-	rm -rf $(VENV) report
+	rm -rf $(VENV) expand-demo
