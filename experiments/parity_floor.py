@@ -34,7 +34,9 @@ def main() -> None:
     model = expand.load("smollm2")
     tokenizer = expand.load_tokenizer(model)
     text = TEXT.read_text() if TEXT.exists() else default_text()
-    ids = np.asarray(tokenizer(text)["input_ids"][: 5 * 512]).reshape(-1, 512)
+    all_ids = tokenizer(text)["input_ids"]
+    windows = min(5, len(all_ids) // 512)
+    ids = np.asarray(all_ids[: windows * 512]).reshape(windows, 512)
     ref32, ref64 = torch_model(model, torch.float32), torch_model(model, torch.float64)
     rows = []
     for w, window in enumerate(ids):

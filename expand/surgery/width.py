@@ -126,7 +126,7 @@ def _crop(donor: jax.Array, shape: Sequence[int], name: str) -> jax.Array:
     return donor[tuple(slice(0, s) for s in shape)]
 
 
-def _mask(axes: Sequence[str], names: set[str], maps: Mapping[str, AxisMap], shape) -> jax.Array:
+def new_positions(axes: Sequence[str], names: set[str], maps: Mapping[str, AxisMap], shape) -> jax.Array:
     """Boolean array of `shape`: True where any of the `names` axes is at a new position."""
     out = jnp.zeros(shape, bool)
     for position, axis in enumerate(axes):
@@ -157,8 +157,8 @@ def grow_tensor(spec: TensorSpec, base: jax.Array, new_values: jax.Array, maps: 
     gathered = _take(base, axes, maps)
     shape = gathered.shape
     outputs, inputs = _role(spec)
-    new_out = _mask(axes, outputs, maps, shape)
-    new_in = _mask(axes, inputs, maps, shape)
+    new_out = new_positions(axes, outputs, maps, shape)
+    new_in = new_positions(axes, inputs, maps, shape)
     if spec.name.endswith("norm.weight"):
         if mode == "frankenllama" and spec.name == "norm.weight":
             return jnp.ones(shape, base.dtype)

@@ -1,0 +1,117 @@
+"""The frankenllama miniature: SmolLM2-135M (576 wide, 9/3 heads, 1536 MLP) widened to the SmolLM2-360M
+shape (960, 15/5, 2560) in every mode, with two donors: a random one, and a self-donor (SmolLM2 tiled x2 by
+the exact `duplicate` mode, 1152 wide, cropped to 960). For each variant: max |delta logit|, KL and top-1
+agreement against the base on real text (expand.check), and which tensors' new blocks get exactly zero
+gradient at init (LM loss on the same text).
+
+    python experiments/frankenllama/run.py        # writes results.json and drift.png beside this file
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import expand
+from expand.check import check, run_base
+from expand.params import init_params, tensor_specs
+from expand.surgery.width import new_positions, width_plan
+from expand.text import token_batch
+
+HERE = Path(__file__).parent
+TARGET = dict(hidden_size=960, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560)
+MODES = [("exact", False), ("frankenllama", False), ("frankenllama", True), ("zero-norm", False)]
+
+
+def lm_loss_grads(config, params, tokens):
+    def loss(p):
+        logits = expand.forward(p, tokens[:, :-1], config)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+    return jax.grad(loss)(params)
+
+
+def zero_gradient_blocks(base_config, config, grads, mode, triangular) -> dict[str, float]:
+    """For each tensor: the fraction of its new entries (any axis at a new position) whose gradient is 0."""
+    plan = width_plan(base_config, **TARGET, mode=mode, triangular=triangular)
+    out = {}
+    for spec in tensor_specs(config):
+        g = np.asarray(grads[spec.name])
+        per_layer = g.shape[1:] if spec.stacked else g.shape
+        new = np.asarray(new_positions(spec.axes, set(spec.axes), plan.maps, per_layer))
+        new = np.broadcast_to(new, g.shape)
+        if new.any():
+            out[spec.name] = float((g[new] == 0).mean())
+    return out
+
+
+def main() -> None:
+    base = expand.load("smollm2")
+    tokens = token_batch(base, None, 512, 4)
+    reference = run_base(base, tokens, "fp32")
+    grad_tokens = jnp.asarray(tokens[:1, :257])
+    donors = {
+        "random donor": expand.Model(*_random_donor(base.config), source="random"),
+        "self-donor (SmolLM2 tiled x2)": _self_donor(base),
+    }
+    results = {"base": "SmolLM2-135M-Instruct", "target": TARGET, "tokens": list(tokens.shape),
+               "fp32_floor": reference.floor, "variants": []}
+    for donor_name, donor in donors.items():
+        for mode, triangular in MODES:
+            name = f"{mode}{' triangular' if triangular else ''}, {donor_name}"
+            config, params = expand.widen(base.config, base.params, **TARGET, donor=(donor.config, donor.params),
+                                          mode=mode, triangular=triangular)
+            report = check(base, expand.Model(config, params, "widened"), tokens=tokens, base_run=reference, name=name)
+            zero = zero_gradient_blocks(base.config, config, lm_loss_grads(config, params, grad_tokens), mode, triangular)
+            results["variants"].append({
+                "name": name, "mode": mode, "triangular": triangular, "donor": donor_name,
+                "max_abs_logit_delta": report.max_abs_logit_delta, "mean_kl": report.mean_kl,
+                "top1_agreement": report.top1_agreement, "verdict": report.verdict,
+                "first_drift_layer": report.first_drift_layer,
+                "new_entries_with_zero_gradient": zero,
+            })
+            print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
+                  f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
+                  f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, HERE / "drift.png")
+
+
+def _random_donor(base_config):
+    config = base_config.replace(**TARGET)
+    return config, init_params(config, jax.random.key(1), std=0.04)
+
+
+def _self_donor(base):
+    config, params = expand.widen(base.config, base.params, hidden_size=1152, num_attention_heads=18,
+                                  num_key_value_heads=6, intermediate_size=3072, mode="duplicate")
+    return expand.Model(config, params, "smollm2 x2")
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = results["variants"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    values = [max(v["max_abs_logit_delta"], 1e-6) for v in variants]
+    ax.barh(range(len(variants)), values, color=["tab:green" if v["verdict"] == "preserved" else "tab:red"
+                                                 for v in variants])
+    ax.axvline(10 * results["fp32_floor"], color="k", ls="--", lw=1, label="10 x fp32 floor")
+    ax.set_yticks(range(len(variants)), [v["name"] for v in variants], fontsize=7)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("max |delta logit| vs SmolLM2-135M (fp32, 4 x 512 tokens)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
