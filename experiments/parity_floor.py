@@ -49,7 +49,7 @@ def main() -> None:
         row = {"window": w, "expand32_vs_torch32": np.abs(e32 - t32).max(), "torch32_vs_torch64": np.abs(t32 - t64).max(),
                "expand32_vs_expand64": np.abs(e32 - e64).max(), "expand64_vs_torch64": np.abs(e64 - t64).max(),
                "max_abs_logit": np.abs(t64).max()}
-        rows.append({k: float(v) for k, v in row.items()})
+        rows.append({k: v if k == "window" else float(v) for k, v in row.items()})
         print(" ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     lines = [f"device: {device_line()}", f"text: {TEXT if TEXT.exists() else 'expand documentation'}, "
              f"{len(ids)} windows of 512 tokens", "",
