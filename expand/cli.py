@@ -51,18 +51,10 @@ def cmd_show(args) -> int:
 # ---- generate ----------------------------------------------------------------------------------------
 
 
-def chat_prompt(tokenizer, text: str, raw: bool) -> list[int]:
-    """Token ids of `text`, wrapped in the tokenizer's chat template unless `raw` or there is none."""
-    if raw or not getattr(tokenizer, "chat_template", None):
-        return tokenizer(text)["input_ids"]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def cmd_generate(args) -> int:
     from expand.model import generate
     from expand.surgery.layerspec import parse_layer_spec
+    from expand.text import chat_prompt
 
     model = io.load(args.model, dtype=parse_dtype(args.dtype))
     tokenizer = io.load_tokenizer(model)
@@ -171,7 +163,8 @@ def cmd_widen(args) -> int:
     options = dict(mode=args.mode, fill=args.fill, triangular=args.triangular, noise=args.noise, seed=args.seed,
                    donor_layers=args.donor_layers)
     donor = io.read_config(args.donor) if args.donor else None
-    plan = width_plan(config, donor=donor, **widen_sizes(args), **options)
+    sizes = widen_sizes(args)
+    plan = width_plan(config, donor=donor, **sizes, **options)
     new = plan.config
     table = Table(title=f"{args.model} widened ({args.mode})")
     for column in ("", "base", "widened"):
@@ -188,7 +181,7 @@ def cmd_widen(args) -> int:
     if args.out is None:
         raise ValueError("give OUT (or --dry-run to see the shapes only)")
     widen_to_disk(args.model, args.out, donor=args.donor, dtype=parse_dtype(args.dtype) if args.dtype else None,
-                  max_shard_size=args.max_shard_size, overwrite=args.force, **widen_sizes(args), **options)
+                  max_shard_size=args.max_shard_size, overwrite=args.force, **sizes, **options)
     console.print(f"wrote {args.out}")
     return 0
 
@@ -220,7 +213,7 @@ def cmd_check(args) -> int:
     if args.random_tokens:
         tokens = random_batch(base.config.vocab_size, args.seq_len, args.num_sequences)
     text = read_texts(args.text) if args.text else None
-    candidate = args.candidate if args.candidate is not None else args.layer_spec
+    candidate = args.candidate
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec
 
@@ -247,6 +240,13 @@ def cmd_demo(args) -> int:
 
 
 # ---- the parser --------------------------------------------------------------------------------------
+
+
+def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    """Options of every verb that writes a checkpoint directory."""
+    p.add_argument("--dtype", help=dtype_help)
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,9 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LLaMA-Pro block expansion to NEW_LAYERS layers (identity copies)")
     p.add_argument("--identity", metavar="duplicates|SLOTS",
                    help="identity-initialise (zero o_proj and down_proj) the duplicated slots or the listed slots")
-    p.add_argument("--dtype", help="output dtype (default: the recipe's, else the source's)")
-    p.add_argument("--max-shard-size", default="2GB")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_output_options(p, "output dtype (default: the recipe's, else the source's)")
     p.set_defaults(run=cmd_depth)
 
     p = verbs.add_parser("widen", help="grow hidden size, heads and MLP width (streamed; exact by default)")
@@ -310,9 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=0.0, help="duplicate: zero-sum symmetry-breaking noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print shapes and parameter count; write nothing")
-    p.add_argument("--dtype", help="output dtype (default: the source's)")
-    p.add_argument("--max-shard-size", default="2GB")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_output_options(p, "output dtype (default: the source's)")
     p.set_defaults(run=cmd_widen)
 
     p = verbs.add_parser("check", help="is CANDIDATE the same function as BASE? (exit 0 preserved, 1 drifted)")

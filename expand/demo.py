@@ -37,11 +37,11 @@ def variants(base):
 
 def answer(base, candidate, tokenizer, max_new_tokens: int = 40) -> str:
     """The candidate's greedy answer to CHAT_PROMPT."""
-    from expand.cli import chat_prompt
     from expand.model import Model, generate
     from expand.surgery.plan import LayerPlan
+    from expand.text import chat_prompt
 
-    prompt = chat_prompt(tokenizer, CHAT_PROMPT, raw=False)
+    prompt = chat_prompt(tokenizer, CHAT_PROMPT)
     if isinstance(candidate, LayerPlan):
         out = generate(base.params, base.config, [prompt], max_new_tokens, layer_ids=candidate.layer_ids,
                        slot_scales=candidate.slot_scales())

@@ -212,6 +212,15 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
     return (logits, hidden) if return_hidden else logits
 
 
+def lm_loss(params: Params, tokens, config: Config, **forward_options) -> jax.Array:
+    """Mean next-token cross-entropy of tokens (B, T): the logits at positions 0..T-2 predict 1..T-1.
+    forward_options go to `forward` (layer_ids, slot_scales, attention_mask ...)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    logits = forward(params, tokens[:, :-1], config, **forward_options)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1).mean()
+
+
 # ---- generation --------------------------------------------------------------------------------------
 
 

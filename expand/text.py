@@ -25,6 +25,15 @@ def default_text() -> str:
     return "\n\n".join(dict.fromkeys(parts))
 
 
+def chat_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:
+    """Token ids of `text`, wrapped in the tokenizer's chat template unless `raw` or there is none."""
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return tokenizer(text)["input_ids"]
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def read_texts(paths) -> str:
     texts = []
     for path in paths:

@@ -19,7 +19,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def cache_dir(name: str) -> Path:
-    root = Path(os.environ.get("EXPAND_CACHE") or Path.home() / ".cache" / "expand")
+    """<expand's cache>/bench/<name>. The root is the rule of `expand.io.embedded.cache_dir`, restated here
+    because importing expand would load jax into this (measuring, so deliberately small) process."""
+    if os.environ.get("EXPAND_CACHE"):
+        root = Path(os.environ["EXPAND_CACHE"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "expand"
     path = root / "bench" / name
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import expand
+from expand.model import lm_loss
 from expand.params import init_params
 from expand.surgery.width import head_maps, width_plan
 from tests.conftest import TINY, random_tokens
@@ -172,11 +173,7 @@ def test_frankenllama_and_zero_norm_drift_and_exact_does_not(x64):
 
 
 def loss_grads(config, params, tokens):
-    def loss(p):
-        logits = expand.forward(p, tokens[:, :-1], config)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-    return jax.grad(loss)(params)
+    return jax.grad(lm_loss)(params, tokens, config)
 
 
 def test_exact_new_parameters_train_and_block_diagonal_donor_blocks_do_not(x64):

@@ -21,7 +21,8 @@ from expand.config import Config
 from expand.io.atomic import atomic_dir, refuse_existing, refuse_same_path
 from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
-from expand.io.safetensors import CheckpointError, SafetensorsSource, TensorEntry, parse_size, write_sharded
+from expand.io.safetensors import (CODE_DTYPES, CheckpointError, SafetensorsSource, TensorEntry, parse_size,
+                                   write_sharded)
 from expand.model import Model
 from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
                             tensor_specs)
@@ -106,8 +107,6 @@ def source_dtype(source) -> np.dtype:
     """The stored dtype of a checkpoint's weights (float32 for GGUF, which is dequantized)."""
     if not isinstance(source, SafetensorsSource):
         return np.dtype(np.float32)
-    from expand.io.safetensors import CODE_DTYPES
-
     return CODE_DTYPES[source.dtype(spec_by_name("embed_tokens.weight").hf_name())]
 
 

@@ -48,7 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config
+from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
+from expand.io.atomic import atomic_dir, refuse_same_path
+from expand.io.safetensors import TensorEntry, parse_size, write_sharded
+from expand.model import Model
 from expand.params import Params, TensorSpec, axis_sizes, tensor_specs
+from expand.progress import progress_bar
+from expand.provenance import Provenance
 
 MODES = ("exact", "frankenllama", "zero-norm", "duplicate")
 FILLS = ("random", "zeros")
@@ -263,7 +269,8 @@ def width_plan(config: Config, *, hidden_size=None, num_attention_heads=None, nu
         if kq != kkv:
             raise ValueError(f"duplicate mode tiles query and kv heads together: {n} -> {n2} is x{kq} but "
                              f"{m} -> {m2} is x{kkv}")
-        _factor(d, d2, "hidden_size"), _factor(f, f2, "intermediate_size")
+        _factor(d, d2, "hidden_size")
+        _factor(f, f2, "intermediate_size")
         maps = {"embed": tiled(d, d2), "q_heads": tiled(n, n2), "kv_heads": tiled(m, m2), "mlp": tiled(f, f2)}
     else:
         q_map, kv_map = head_maps(n, m, n2, m2)
@@ -354,14 +361,11 @@ def widen(config: Config, params: Params, *, hidden_size=None, num_attention_hea
     return plan.config, apply_width(plan, config, params, None if donor is None else donor[1])
 
 
-def widen_model(model, donor=None, **sizes_and_options):
-    """`widen` on a `Model` (donor: a `Model` or None), recording the widening in its provenance."""
-    from expand.model import Model
-
-    config, params = widen(model.config, model.params, donor=None if donor is None else (donor.config, donor.params),
-                           **sizes_and_options)
-    plan_json = {"op": "widen", **{k: v for k, v in sizes_and_options.items()}}
-    return Model(config, params, model.source, model.lineage().after_width(plan_json))
+def widen_model(model: Model, donor: Model | None = None, **sizes_and_options) -> Model:
+    """`widen` on a `Model`, recording the plan (sizes, mode, axis maps) in its provenance."""
+    plan = width_plan(model.config, donor=None if donor is None else donor.config, **sizes_and_options)
+    params = apply_width(plan, model.config, model.params, None if donor is None else donor.params)
+    return Model(plan.config, params, model.source, model.lineage().after_width(plan.to_json()))
 
 
 def apply_width(plan: WidthPlan, config: Config, params: Params, donor_params: Params | None) -> Params:
@@ -384,12 +388,6 @@ def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | i
                   overwrite: bool = False, **sizes_and_options) -> Path:
     """`widen` from checkpoint to checkpoint, one output tensor (one layer) at a time: each is read from
     the base (and donor), grown and written before the next is read. Same values as `widen` in memory."""
-    from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
-    from expand.io.atomic import atomic_dir, refuse_same_path
-    from expand.io.safetensors import TensorEntry, parse_size, write_sharded
-    from expand.progress import progress_bar
-    from expand.provenance import Provenance
-
     path = resolve(model)
     refuse_same_path(path, out)
     source, hf = open_source(path)

@@ -18,6 +18,7 @@ import numpy as np
 
 import expand
 from expand.check import check, run_base
+from expand.model import lm_loss
 from expand.params import init_params, tensor_specs
 from expand.surgery.width import new_positions, width_plan
 from expand.text import token_batch
@@ -25,14 +26,6 @@ from expand.text import token_batch
 HERE = Path(__file__).parent
 TARGET = dict(hidden_size=960, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560)
 MODES = [("exact", False), ("frankenllama", False), ("frankenllama", True), ("zero-norm", False)]
-
-
-def lm_loss_grads(config, params, tokens):
-    def loss(p):
-        logits = expand.forward(p, tokens[:, :-1], config)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-    return jax.grad(loss)(params)
 
 
 def zero_gradient_blocks(base_config, config, grads, mode, triangular) -> dict[str, float]:
@@ -66,7 +59,7 @@ def main() -> None:
             config, params = expand.widen(base.config, base.params, **TARGET, donor=(donor.config, donor.params),
                                           mode=mode, triangular=triangular)
             report = check(base, expand.Model(config, params, "widened"), tokens=tokens, base_run=reference, name=name)
-            zero = zero_gradient_blocks(base.config, config, lm_loss_grads(config, params, grad_tokens), mode, triangular)
+            zero = zero_gradient_blocks(base.config, config, jax.grad(lm_loss)(params, grad_tokens, config), mode, triangular)
             results["variants"].append({
                 "name": name, "mode": mode, "triangular": triangular, "donor": donor_name,
                 "max_abs_logit_delta": report.max_abs_logit_delta, "mean_kl": report.mean_kl,
