@@ -6,8 +6,8 @@ and per-layer drift of the residual stream where layers correspond.
 fp32 is the base in fp32 against the base in float64; the floor of bf16 is the base in bf16 against
 the base in fp32; the floor of fp64 is the fp32 floor scaled by the ratio of machine epsilons
 (2^-52 / 2^-23). A candidate is `preserved` when its max |delta logit| is at most FLOOR_FACTOR times the
-floor: an exact transformation only reorders rounding (in `expand demo`, the exact widening of SmolLM2 is
-at 0.7x the floor), a real change moves logits by orders of magnitude more (there: 1.8e5 to 3.6e5 x).
+floor: an exact transformation only reorders rounding (about 1x the floor), a real change moves logits by
+orders of magnitude more (the demo table in the README shows both on SmolLM2).
 
 Layers correspond through the candidate's provenance: slot s of a depth candidate maps to base layer
 layer_map[s], and its output is compared with that layer's output; a width candidate is compared on the
