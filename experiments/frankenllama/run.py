@@ -1,8 +1,9 @@
 """The frankenllama miniature: SmolLM2-135M (576 wide, 9/3 heads, 1536 MLP) widened to the SmolLM2-360M
 shape (960, 15/5, 2560) in every mode, with two donors: a random one, and a self-donor (SmolLM2 tiled x2 by
-the exact `duplicate` mode, 1152 wide, cropped to 960). For each variant: max |delta logit|, KL and top-1
-agreement against the base on real text (expand.check), and which tensors' new blocks get exactly zero
-gradient at init (LM loss on the same text).
+the exact `duplicate` mode, 1152 wide, cropped to 960); `exact` also without a donor (each fill), and the
+`duplicate` mode itself (x2, to 1152, with and without zero-sum noise). For each variant: max |delta logit|,
+KL and top-1 agreement against the base on real text (expand.check), and which tensors' new blocks get
+exactly zero gradient at init (LM loss on the same text).
 
     python experiments/frankenllama/run.py        # writes results.json and drift.png beside this file
 """
@@ -25,12 +26,18 @@ from expand.text import token_batch
 
 HERE = Path(__file__).parent
 TARGET = dict(hidden_size=960, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560)
-MODES = [("exact", False), ("frankenllama", False), ("frankenllama", True), ("zero-norm", False)]
+DOUBLE = dict(hidden_size=1152, num_attention_heads=18, num_key_value_heads=6, intermediate_size=3072)
+DONOR_MODES = [dict(mode="exact"), dict(mode="frankenllama"), dict(mode="frankenllama", triangular=True),
+               dict(mode="zero-norm")]
+NO_DONOR = [("exact, fill random", dict(TARGET, mode="exact", fill="random")),
+            ("exact, fill zeros", dict(TARGET, mode="exact", fill="zeros")),
+            ("duplicate x2 (1152 wide)", dict(DOUBLE, mode="duplicate")),
+            ("duplicate x2, zero-sum noise 0.01", dict(DOUBLE, mode="duplicate", noise=0.01))]
 
 
-def zero_gradient_blocks(base_config, config, grads, mode, triangular) -> dict[str, float]:
+def zero_gradient_blocks(base_config, config, grads, options) -> dict[str, float]:
     """For each tensor: the fraction of its new entries (any axis at a new position) whose gradient is 0."""
-    plan = width_plan(base_config, **TARGET, mode=mode, triangular=triangular)
+    plan = width_plan(base_config, **{k: v for k, v in options.items() if k != "donor"})
     out = {}
     for spec in tensor_specs(config):
         g = np.asarray(grads[spec.name])
@@ -53,23 +60,25 @@ def main() -> None:
     }
     results = {"base": "SmolLM2-135M-Instruct", "target": TARGET, "tokens": list(tokens.shape),
                "fp32_floor": reference.floor, "variants": []}
-    for donor_name, donor in donors.items():
-        for mode, triangular in MODES:
-            name = f"{mode}{' triangular' if triangular else ''}, {donor_name}"
-            config, params = expand.widen(base.config, base.params, **TARGET, donor=(donor.config, donor.params),
-                                          mode=mode, triangular=triangular)
-            report = check(base, expand.Model(config, params, "widened"), tokens=tokens, base_run=reference, name=name)
-            zero = zero_gradient_blocks(base.config, config, jax.grad(lm_loss)(params, grad_tokens, config), mode, triangular)
-            results["variants"].append({
-                "name": name, "mode": mode, "triangular": triangular, "donor": donor_name,
-                "max_abs_logit_delta": report.max_abs_logit_delta, "mean_kl": report.mean_kl,
-                "top1_agreement": report.top1_agreement, "verdict": report.verdict,
-                "first_drift_layer": report.first_drift_layer,
-                "new_entries_with_zero_gradient": zero,
-            })
-            print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
-                  f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
-                  f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)
+    variants = [(f"{o['mode']}{' triangular' if o.get('triangular') else ''}, {donor_name}",
+                 dict(TARGET, **o, donor=(donor.config, donor.params)), donor_name)
+                for donor_name, donor in donors.items() for o in DONOR_MODES]
+    variants += [(name, options, None) for name, options in NO_DONOR]
+    for name, options, donor_name in variants:
+        config, params = expand.widen(base.config, base.params, **options)
+        report = check(base, expand.Model(config, params, "widened"), tokens=tokens, base_run=reference, name=name)
+        grads = jax.grad(lm_loss)(params, grad_tokens, config)
+        zero = zero_gradient_blocks(base.config, config, grads, options)
+        results["variants"].append({
+            "name": name, "options": {k: v for k, v in options.items() if k != "donor"}, "donor": donor_name,
+            "max_abs_logit_delta": report.max_abs_logit_delta, "mean_kl": report.mean_kl,
+            "top1_agreement": report.top1_agreement, "verdict": report.verdict,
+            "first_drift_layer": report.first_drift_layer,
+            "new_entries_with_zero_gradient": zero,
+        })
+        print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
+              f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
+              f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, HERE / "drift.png")
 
@@ -80,8 +89,7 @@ def _random_donor(base_config):
 
 
 def _self_donor(base):
-    config, params = expand.widen(base.config, base.params, hidden_size=1152, num_attention_heads=18,
-                                  num_key_value_heads=6, intermediate_size=3072, mode="duplicate")
+    config, params = expand.widen(base.config, base.params, **DOUBLE, mode="duplicate")
     return expand.Model(config, params, "smollm2 x2")
 
 
