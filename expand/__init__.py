@@ -1,6 +1,8 @@
 """expand: grow, prune and re-wire Llama-family language models in JAX, and measure what each change does
 to the function."""
 
+from expand.ablate import ablate
+from expand.check import check
 from expand.config import Config, ConfigError, RopeScaling
 from expand.io import CheckpointError, load, load_tokenizer, read_config, save
 from expand.model import Llama, Model, forward, generate
@@ -14,7 +16,7 @@ from expand.surgery.width import widen
 
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "LayerPlan", "Llama", "Model", "Provenance", "RopeScaling",
-    "apply_depth", "depth_model", "depth_to_disk", "forward", "generate", "llama_pro_plan", "load",
+    "ablate", "apply_depth", "check", "depth_model", "depth_to_disk", "forward", "generate", "llama_pro_plan", "load",
     "load_tokenizer", "param_count", "parse_layer_spec", "plan_from_layer_spec", "plan_from_recipe",
     "read_config", "save", "widen", "with_identity", "with_slot_scale",
 ]

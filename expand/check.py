@@ -138,13 +138,24 @@ def reference_dtype(dtype_name: str) -> str:
     return {"fp32": "fp64", "bf16": "fp32", "fp64": "fp32"}[dtype_name]
 
 
-def kl_and_agreement(base_logits: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, float]:
-    """KL(base || candidate) per position (B, T), computed in float32, and top-1 agreement."""
-    p_log = jax.nn.log_softmax(jnp.asarray(base_logits, jnp.float32), axis=-1)
-    q_log = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1)
-    agreement = float(np.mean(np.argmax(base_logits, -1) == np.argmax(logits, -1)))
-    return np.maximum(np.asarray(kl), 0.0), agreement
+@jax.jit
+def compare_logits(base_logits, logits, tokens) -> dict[str, jax.Array]:
+    """Per-position comparison of a candidate's logits (B, T, V) with the base's on the same tokens (B, T),
+    in the logits' precision (at least float32). The one place where check and ablate get their numbers.
+
+    kl (B, T): KL(base || candidate) = sum_v p_v (log p_v - log q_v), clipped at 0 (rounding).
+    agree (B, T): argmax of candidate == argmax of base.
+    max_abs_delta (B, T): max_v |logit_candidate - logit_base|.
+    nll (B, T - 1): -log q(tokens[:, t + 1]) at position t, the candidate's next-token loss terms
+        (its mean is `lm_loss`)."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    base_logits, logits = base_logits.astype(dtype), logits.astype(dtype)
+    p_log = jax.nn.log_softmax(base_logits, axis=-1)
+    q_log = jax.nn.log_softmax(logits, axis=-1)
+    kl = jnp.maximum(jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1), 0.0)
+    agree = jnp.argmax(base_logits, -1) == jnp.argmax(logits, -1)
+    nll = -jnp.take_along_axis(q_log[:, :-1], jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
+    return {"kl": kl, "agree": agree, "max_abs_delta": jnp.abs(logits - base_logits).max(-1), "nll": nll}
 
 
 def relative_drift(hidden: np.ndarray, reference: np.ndarray) -> float:
@@ -197,8 +208,9 @@ def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = 
     base_run = base_run or run_base(base, tokens, dtype)
     logits, hidden = run_in(dtype, cand.model, tokens, cand.layer_ids, cand.slot_scales)
 
-    delta = float(np.abs(logits.astype(np.float64) - base_run.logits).max())
-    kl, agreement = kl_and_agreement(base_run.logits, logits)
+    with jax.enable_x64(dtype == "fp64"):
+        stats = jax.device_get(compare_logits(base_run.logits, logits, tokens))
+    delta, kl, agreement = float(stats["max_abs_delta"].max()), stats["kl"], float(stats["agree"].mean())
     tolerance = FLOOR_FACTOR * base_run.floor
     d = base.config.hidden_size
     layers, first = [], None

@@ -204,22 +204,16 @@ def print_reports(reports, title: str) -> None:
 
 def cmd_check(args) -> int:
     from expand.check import check, plot_layers
-    from expand.text import random_batch, read_texts
 
     if (args.candidate is None) == (args.layer_spec is None):
         raise ValueError("give a CANDIDATE model or --layer-spec (a virtual candidate on the base), not both")
     base = io.load(args.base)
-    tokens = None
-    if args.random_tokens:
-        tokens = random_batch(base.config.vocab_size, args.seq_len, args.num_sequences)
-    text = read_texts(args.text) if args.text else None
     candidate = args.candidate
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec
 
         candidate = plan_from_layer_spec(args.layer_spec, base.config.num_hidden_layers)
-    report = check(base, candidate, tokens=tokens, text=text, dtype=args.dtype, seq_len=args.seq_len,
-                   num_sequences=args.num_sequences)
+    report = check(base, candidate, tokens=eval_tokens(base, args), dtype=args.dtype)
     print_reports([report], f"{args.base} vs {report.candidate} ({args.dtype}, tokens {report.tokens})")
     drifting = [layer for layer in report.layers if layer["drifted"]]
     if report.first_drift_layer is not None:
@@ -231,6 +225,50 @@ def cmd_check(args) -> int:
     if args.plot:
         plot_layers([report], args.plot)
     return 0 if report.preserved else 1
+
+
+def eval_tokens(model, args):
+    """The (sequences, length) eval batch of a verb with --text / --random-tokens / --seq-len /
+    --num-sequences."""
+    from expand.text import random_batch, read_texts, token_batch
+
+    if args.random_tokens:
+        return random_batch(model.config.vocab_size, args.seq_len, args.num_sequences)
+    return token_batch(model, read_texts(args.text) if args.text else None, args.seq_len, args.num_sequences)
+
+
+def cmd_ablate(args) -> int:
+    from expand.ablate import METRICS, ablate, parse_sweep
+    from expand.io.atomic import atomic_dir, refuse_existing
+
+    if args.out:
+        refuse_existing(args.out, args.force)
+    model = io.load(args.model)
+    parse_sweep(args.sweep, model.config.num_hidden_layers)  # refuse a bad sweep before tokenizing or computing
+    tokens = eval_tokens(model, args)
+    table = ablate(model, args.sweep, tokens, batch_size=args.batch_size)
+    columns = ["name", "depth", *[m for m in METRICS if m in table.base]]
+    view = Table(title=f"{args.sweep} on {args.model} ({tokens.shape[0]} x {tokens.shape[1]} tokens)")
+    for column in columns:
+        view.add_column(column, justify="left" if column == "name" else "right")
+    for row in [{"name": "base", **table.base}, *table.rows]:
+        view.add_row(*[_cell(row[c]) for c in columns])
+    console.print(view)
+    for name, rho in table.correlations.items():
+        console.print(f"Spearman {name}: {rho:+.3f}")
+    console.print(f"{len(table.rows)} variants, {table.compilations} compilations of the forward "
+                  f"(lengths {table.lengths})")
+    if args.out:
+        with atomic_dir(args.out, args.force) as tmp:
+            written = table.write(tmp)
+        console.print(f"written to {args.out}/: {', '.join(written)}")
+    return 0
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def cmd_demo(args) -> int:
@@ -247,6 +285,15 @@ def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     p.add_argument("--dtype", help=dtype_help)
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """Options of every verb that evaluates on a token batch."""
+    p.add_argument("--text", nargs="+", help="text files, or a named text: expand-docs (the default, about 8k "
+                                             "tokens) or python-reference (about 110k tokens)")
+    p.add_argument("--random-tokens", action="store_true", help="use random tokens instead of text")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--num-sequences", type=int, default=4)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,14 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("base")
     p.add_argument("candidate", nargs="?", help="a model path; or omit it and give --layer-spec")
     p.add_argument("--layer-spec", help="check BASE run virtually with this layer spec")
-    p.add_argument("--text", nargs="+", help="text files to evaluate on (default: expand's own documentation)")
-    p.add_argument("--random-tokens", action="store_true", help="use random tokens instead of text")
+    add_eval_options(p)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp64"))
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--num-sequences", type=int, default=4)
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--plot", help="write a PNG of drift per layer here")
     p.set_defaults(run=cmd_check)
+
+    p = verbs.add_parser("ablate", help="sweep depth variants on one set of weights (one compile per length)")
+    p.add_argument("model")
+    p.add_argument("--sweep", required=True,
+                   help="delete-one, duplicate-one, delete-block:N, window:W:S, swap-adjacent, prune-greedy[:T], "
+                        "prune-bi[:T] or specs:FILE")
+    add_eval_options(p)
+    p.add_argument("--batch-size", type=int, help="sequences per forward (default: largest divisor up to 4)")
+    p.add_argument("--out", help="write results.json, results.csv and PNG plots to this directory")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=cmd_ablate)
 
     p = verbs.add_parser("demo", help="grow, prune and widen the embedded SmolLM2 and check each variant")
     p.add_argument("--out", default="expand-demo", help="report directory")
@@ -338,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, CheckpointError, ConfigError, OutputExistsError) as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         return 2
 
 

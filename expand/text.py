@@ -1,6 +1,9 @@
 """Evaluation text: real English, never downloaded. The default is expand's own documentation (the
-docstrings of its modules, which were written for it and ship inside it); any text files can be given
-instead. Random tokens only when asked for."""
+docstrings of its modules, which were written for it and ship inside it, about 8k SmolLM2 tokens). For
+longer evaluations, `python-reference`: the Python Language Reference as installed with every CPython
+(`pydoc_data.topics`, the text `help()` shows; about 110k tokens; its exact words follow the Python
+version, so results record the text's sha256). Any text files can be given instead. Random tokens only
+when asked for."""
 
 from __future__ import annotations
 
@@ -25,6 +28,16 @@ def default_text() -> str:
     return "\n\n".join(dict.fromkeys(parts))
 
 
+def python_reference_text() -> str:
+    """The Python Language Reference topics of the running interpreter, in sorted topic order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name].strip() for name in sorted(topics))
+
+
+NAMED_TEXTS = {"expand-docs": default_text, "python-reference": python_reference_text}
+
+
 def chat_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:
     """Token ids of `text`, wrapped in the tokenizer's chat template unless `raw` or there is none."""
     if raw or not getattr(tokenizer, "chat_template", None):
@@ -35,11 +48,15 @@ def chat_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:
 
 
 def read_texts(paths) -> str:
+    """The text of files or named texts (NAMED_TEXTS), joined by blank lines."""
     texts = []
     for path in paths:
+        if str(path) in NAMED_TEXTS and not Path(path).is_file():
+            texts.append(NAMED_TEXTS[str(path)]())
+            continue
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no text file at {path}")
+            raise FileNotFoundError(f"no text file at {path} (named texts: {', '.join(NAMED_TEXTS)})")
         texts.append(path.read_text(errors="replace"))
     return "\n\n".join(texts)
 

@@ -1,0 +1,160 @@
+"""Ablation sweeps: the numbers equal the check's (one path), one compilation per variant length, the
+importance scores equal a direct numpy computation, greedy pruning takes the measured minimum, and bad
+sweeps are refused before any compute."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import expand
+from expand.ablate import ablate, importance, eval_set, parse_sweep, window_layers
+from expand.check import check, run_base
+from expand.cli import main
+from expand.model import TRACE_COUNTS, forward, lm_loss
+from expand.surgery.layerspec import parse_layer_spec
+from tests.conftest import make_hf_checkpoint, random_tokens
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("ablate") / "model", seed=3, num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return expand.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return random_tokens(256, (4, 40), seed=5).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def delete_one(model, tokens):
+    return ablate(model, "delete-one", tokens)
+
+
+def test_sweep_numbers_are_the_checks(model, tokens, delete_one):
+    base_run = run_base(model, tokens, "fp32")
+    assert [row["layer_spec"] for row in delete_one.rows][:2] == ["1:6", "0,2:6"]
+    for row in delete_one.rows:
+        report = check(model, row["layer_spec"], tokens=tokens, base_run=base_run)
+        assert row["max_abs_logit_delta"] == report.max_abs_logit_delta
+        assert row["top1"] == report.top1_agreement
+        np.testing.assert_allclose(row["mean_kl"], report.mean_kl, rtol=1e-5)
+    assert delete_one.base["mean_kl"] == 0.0 and delete_one.base["top1"] == 1.0
+
+
+def test_loss_and_params_equal_the_materialized_variant(model, tokens, delete_one):
+    for row in delete_one.rows[::2]:
+        plan = expand.plan_from_layer_spec(row["layer_spec"], LAYERS)
+        config, params = expand.apply_depth(model.config, model.params, plan)
+        np.testing.assert_allclose(row["loss"], float(lm_loss(params, tokens, config)), rtol=1e-5)
+        assert row["params"] == expand.param_count(config)
+        assert row["ppl"] == pytest.approx(np.exp(row["loss"]))
+
+
+def test_one_compilation_per_variant_length(model):
+    tokens = random_tokens(256, (2, 24), seed=6).astype(np.int32)  # a shape no other test compiles
+    before = TRACE_COUNTS["forward"]
+    table = ablate(model, "duplicate-one", tokens)
+    # lengths 6 (base) and 7 (every variant), plus the base's forward with hidden states for importance
+    assert table.lengths == [6, 7] and table.compilations == 3 == TRACE_COUNTS["forward"] - before
+    again = ablate(model, "swap-adjacent", tokens)  # all variants have the base's length: nothing new
+    assert len(again.rows) == LAYERS - 1 and again.compilations == 0
+
+
+def test_importance_matches_numpy(model, tokens):
+    scores = importance(model, eval_set(model, tokens), block_sizes=(1, 2))
+    _, hidden = forward(model.params, tokens, model.config, return_hidden=True)
+    h = np.asarray(hidden, np.float64)  # (N + 1, B, T, d)
+
+    def cos(a, b):
+        return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    bi = [1 - cos(h[i], h[i + 1]).mean() for i in range(LAYERS)]
+    np.testing.assert_allclose(scores["block_influence"], bi, rtol=1e-4, atol=1e-6)
+    for n in (1, 2):
+        angular = [np.mean(np.arccos(np.clip(cos(h[i, :, -1], h[i + n, :, -1]), -1, 1)) / np.pi)
+                   for i in range(LAYERS - n + 1)]
+        np.testing.assert_allclose(scores["angular_distance"][n], angular, rtol=1e-4, atol=1e-6)
+
+
+def test_correlations_are_reported_for_deletions(delete_one):
+    assert set(delete_one.correlations) == {"angular_distance_n1 vs mean_kl", "angular_distance_n1 vs loss_increase",
+                                            "block_influence vs mean_kl", "block_influence vs loss_increase"}
+    assert all(-1 <= v <= 1 for v in delete_one.correlations.values())
+
+
+def test_prune_greedy_removes_the_measured_least_harmful_layer(model, tokens, delete_one):
+    table = ablate(model, "prune-greedy:4", tokens)
+    assert [r["depth"] for r in table.rows] == [5, 4]
+    first = min(delete_one.rows, key=lambda r: r["mean_kl"])
+    assert table.rows[0]["layer_spec"] == first["layer_spec"] and table.rows[0]["mean_kl"] == first["mean_kl"]
+    assert table.rows[0]["candidates"] == 6 and table.rows[1]["candidates"] == 5
+    kept = set(parse_layer_spec(table.rows[1]["layer_spec"], LAYERS))
+    assert len(kept) == 4 and table.rows[0]["removed"] not in kept and table.rows[1]["removed"] not in kept
+
+
+def test_prune_by_block_influence_follows_the_scores(model, tokens, delete_one):
+    table = ablate(model, "prune-bi:3", tokens)
+    order = np.argsort(delete_one.importance["block_influence"], kind="stable")
+    assert [r["removed"] for r in table.rows] == order[:3].tolist()
+
+
+def test_window_is_the_120b_pattern():
+    assert window_layers(80, 20, 10) == list(parse_layer_spec("0:20,10:30,20:40,30:50,40:60,50:70,60:80", 80))
+    assert window_layers(30, 10, 8) == list(parse_layer_spec("0:10,8:18,16:26,20:30", 30))
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("delete-two", "unknown sweep"),
+    ("delete-one:3", "takes no argument"),
+    ("delete-block:0", "at least 1"),
+    ("delete-block:6", "1 <= N < 6"),
+    ("delete-block:x", "not an integer"),
+    ("window:8:2", "exceed"),
+    ("window:2:3", "stride"),
+    ("window:4", "window:W:S"),
+    ("prune-greedy:6", "between 1 and 5"),
+    ("specs:/no/such/file", "specs:FILE"),
+])
+def test_bad_sweeps_are_refused(sweep, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sweep(sweep, LAYERS)
+
+
+def test_bad_spec_file_names_the_line(tmp_path):
+    specs = tmp_path / "specs.txt"
+    specs.write_text("# deletions\n0:3,4:\n0:3,8:4\n")
+    with pytest.raises(ValueError, match="spec 2: .*'8:4'"):
+        parse_sweep(f"specs:{specs}", LAYERS)
+
+
+def test_cli_writes_tables_and_plots(tmp_path, checkpoint, capsys):
+    common = ["--random-tokens", "--seq-len", "32", "--num-sequences", "2"]
+    out = tmp_path / "delete"
+    assert main(["ablate", str(checkpoint), "--sweep", "delete-one", *common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "compilations" in printed and "Spearman" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["rows"]) == LAYERS and results["tokens"] == [2, 32]
+    assert (out / "results.csv").read_text().count("\n") == LAYERS + 2  # header, base, variants
+    assert (out / "importance.png").stat().st_size > 1000 and (out / "effect.png").stat().st_size > 1000
+    assert main(["ablate", str(checkpoint), "--sweep", "delete-one", *common, "--out", str(out)]) == 2
+    grid = tmp_path / "grid"
+    assert main(["ablate", str(checkpoint), "--sweep", "window:3,4:1,2", *common, "--out", str(grid)]) == 0
+    assert len(json.loads((grid / "results.json").read_text())["rows"]) == 4
+    assert (grid / "window.png").stat().st_size > 1000
+
+
+def test_cli_refuses_a_bad_sweep_before_computing(checkpoint, capsys):
+    before = TRACE_COUNTS["forward"]
+    assert main(["ablate", str(checkpoint), "--sweep", "window:9:2", "--random-tokens"]) == 2
+    assert "exceed" in capsys.readouterr().err and TRACE_COUNTS["forward"] == before
