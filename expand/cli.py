@@ -16,6 +16,7 @@ from rich.table import Table
 
 from expand import io
 from expand.config import ConfigError
+from expand.heal import HealDiverged
 from expand.io.atomic import OutputExistsError
 from expand.io.safetensors import CheckpointError
 from expand.params import param_count
@@ -233,7 +234,7 @@ def eval_tokens(model, args):
     from expand.text import random_batch, read_texts, token_batch
 
     if args.random_tokens:
-        return random_batch(model.config.vocab_size, args.seq_len, args.num_sequences)
+        return random_batch(model.config.vocab_size, args.seq_len, args.num_sequences or 4)
     return token_batch(model, read_texts(args.text) if args.text else None, args.seq_len, args.num_sequences)
 
 
@@ -269,6 +270,40 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def cmd_heal(args) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from expand.heal import HealOptions, heal
+    from expand.io.atomic import refuse_existing
+
+    options = HealOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                          batch_size=args.batch_size, distill_weight=args.distill_weight, lm_weight=args.lm_weight,
+                          train=args.train, shared=args.shared, gates=args.gates,
+                          checkpoint_every=args.checkpoint_every)
+    options.validate()
+    refuse_existing(args.out, args.force)
+    model = io.load(args.model)
+    chosen = any(a is not None for a in (args.layer_spec, args.recipe, args.llama_pro))
+    plan = depth_plan(model.config, args) if chosen or args.identity else None
+    teacher = io.load(args.teacher) if args.teacher else None
+    tokens = eval_tokens(model, args)
+    checkpoints = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
+    result = heal(model, tokens, plan, teacher, options, checkpoints, resume=args.resume)
+    healed = result.export()
+    lineage = plan.lineage_after(model.lineage()) if plan is not None else model.lineage()
+    operation = {"op": "heal", "teacher": args.teacher, "tokens": list(tokens.shape), **dataclasses.asdict(options)}
+    io.save(args.out, healed.config, healed.params, tokenizer_from=model, overwrite=args.force,
+            provenance=lineage.with_operation(operation))
+    result.write_history(args.out)
+    first, last = result.history[0], result.history[-1]
+    console.print(f"healed {options.steps} steps on {tokens.shape[0]} x {tokens.shape[1]} tokens: loss "
+                  f"{first['loss']:.4f} -> {last['loss']:.4f} (LM {first['lm']:.4f} -> {last['lm']:.4f}, KL "
+                  f"{first['kl']:.4f} -> {last['kl']:.4f}); wrote {args.out} (HF, history.json, loss.png), "
+                  f"orbax checkpoints in {checkpoints}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -379,6 +414,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(run=cmd_ablate)
 
+    p = verbs.add_parser("heal", help="fine-tune a grown or pruned model (optax), distilling from a teacher")
+    p.add_argument("model", help="the model to heal, or the base when a plan is given")
+    p.add_argument("out")
+    p.add_argument("--layer-spec", help="heal MODEL run through this depth plan (virtual until export)")
+    p.add_argument("--recipe", help="heal MODEL run through this mergekit passthrough recipe")
+    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS", help="LLaMA-Pro expansion to NEW_LAYERS")
+    p.add_argument("--identity", metavar="duplicates|SLOTS", help="identity-initialise these slots of the plan")
+    p.add_argument("--teacher", help="distill from this model's logits (usually the base)")
+    add_eval_options(p)
+    p.set_defaults(seq_len=256, num_sequences=None)  # train on every full window of the text
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--train", default="all", help="all, new, or slots:SPEC (a layer spec over the slots)")
+    p.add_argument("--shared", default="virtual", choices=("virtual", "decoupled"),
+                   help="virtual: duplicated slots share weights (update / k); decoupled: each slot owns a copy")
+    p.add_argument("--gates", action="store_true", help="a gate (init 0) on each new slot's residual branches")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--lm-weight", type=float, default=1.0)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(run=cmd_heal)
+
     p = verbs.add_parser("demo", help="grow, prune and widen the embedded SmolLM2 and check each variant")
     p.add_argument("--out", default="expand-demo", help="report directory")
     p.add_argument("--force", action="store_true", help="replace the report directory if it exists")
@@ -392,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, CheckpointError, ConfigError, OutputExistsError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, ConfigError, OutputExistsError, HealDiverged) as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         return 2
 

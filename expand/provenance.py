@@ -39,7 +39,8 @@ class Provenance:
         return Provenance(self.base, tuple(new), self.base_hidden_size, self.base_num_layers,
                           self.history + (operation,))
 
-    def after_width(self, operation: dict) -> Provenance:
+    def with_operation(self, operation: dict) -> Provenance:
+        """The same layer correspondence, one more operation in the history (widening, healing)."""
         return Provenance(self.base, self.layer_map, self.base_hidden_size, self.base_num_layers,
                           self.history + (operation,))
 

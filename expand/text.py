@@ -61,19 +61,19 @@ def read_texts(paths) -> str:
     return "\n\n".join(texts)
 
 
-def token_batch(model, text: str | None, seq_len: int, num_sequences: int) -> np.ndarray:
-    """(num_sequences, seq_len) token ids: consecutive windows of the tokenized text (default text if None).
-    Refuses a text too short for the batch instead of padding it."""
+def token_batch(model, text: str | None, seq_len: int, num_sequences: int | None) -> np.ndarray:
+    """(num_sequences, seq_len) token ids: consecutive windows of the tokenized text (default text if None);
+    num_sequences=None: every full window. Refuses a text too short for the batch instead of padding it."""
     from expand.io import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     ids = tokenizer(text if text is not None else default_text())["input_ids"]
-    need = seq_len * num_sequences
-    if len(ids) < need:
-        fewer = max(1, len(ids) // seq_len)
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than {num_sequences} x {seq_len}: give more text "
-                         f"or fewer sequences (it fills {fewer} of {seq_len})")
-    return np.asarray(ids[:need], np.int32).reshape(num_sequences, seq_len)
+    fits = len(ids) // seq_len
+    wanted = fits if num_sequences is None else num_sequences
+    if wanted < 1 or fits < wanted:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than {wanted or 1} x {seq_len}: give more text "
+                         f"or fewer or shorter sequences (it fills {fits} of {seq_len})")
+    return np.asarray(ids[:wanted * seq_len], np.int32).reshape(wanted, seq_len)
 
 
 def random_batch(vocab_size: int, seq_len: int, num_sequences: int, seed: int = 0) -> np.ndarray:

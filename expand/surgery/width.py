@@ -365,7 +365,7 @@ def widen_model(model: Model, donor: Model | None = None, **sizes_and_options) -
     """`widen` on a `Model`, recording the plan (sizes, mode, axis maps) in its provenance."""
     plan = width_plan(model.config, donor=None if donor is None else donor.config, **sizes_and_options)
     params = apply_width(plan, model.config, model.params, None if donor is None else donor.params)
-    return Model(plan.config, params, model.source, model.lineage().after_width(plan.to_json()))
+    return Model(plan.config, params, model.source, model.lineage().with_operation(plan.to_json()))
 
 
 def apply_width(plan: WidthPlan, config: Config, params: Params, donor_params: Params | None) -> Params:
@@ -421,5 +421,5 @@ def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | i
     with atomic_dir(out, overwrite) as tmp:
         with progress_bar(f"widening into {Path(out).name}", total=len(entries)) as advance:
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
-        write_metadata(tmp, plan.config, out_dtype, model, provenance.after_width(plan.to_json()))
+        write_metadata(tmp, plan.config, out_dtype, model, provenance.with_operation(plan.to_json()))
     return Path(out)
