@@ -273,7 +273,6 @@ def _cell(value) -> str:
 
 
 def cmd_heal(args) -> int:
-    import dataclasses
     from pathlib import Path
 
     from expand.heal import HealOptions, heal
@@ -293,10 +292,8 @@ def cmd_heal(args) -> int:
     checkpoints = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
     result = heal(model, tokens, plan, teacher, options, checkpoints, resume=args.resume)
     healed = result.export()
-    lineage = plan.lineage_after(model.lineage()) if plan is not None else model.lineage()
-    operation = {"op": "heal", "teacher": args.teacher, "tokens": list(tokens.shape), **dataclasses.asdict(options)}
     io.save(args.out, healed.config, healed.params, tokenizer_from=model, overwrite=args.force,
-            provenance=lineage.with_operation(operation))
+            provenance=healed.provenance)
     result.write_history(args.out)
     first, last = result.history[0], result.history[-1]
     console.print(f"healed {options.steps} steps on {tokens.shape[0]} x {tokens.shape[1]} tokens: loss "

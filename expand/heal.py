@@ -44,6 +44,7 @@ import optax
 
 from expand.model import Model, forward
 from expand.params import BRANCH_OUTPUTS, Params
+from expand.provenance import Provenance
 from expand.surgery.depth import apply_depth
 from expand.surgery.layerspec import parse_layer_spec
 from expand.surgery.plan import LayerPlan, Slot, with_slot_scale
@@ -307,14 +308,18 @@ def batch_at(tokens: np.ndarray, step: int, batch_size: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class HealResult:
+    """student: what trained; params: its final params; history: logs per step; provenance: the healed
+    model's lineage (the plan's slot -> base layer map, with the healing run in its history)."""
+
     student: Student
     params: Params
     history: list[dict]
+    provenance: Provenance
 
     def export(self) -> Model:
         """The healed model as a plain Llama (gates folded, plan materialized)."""
         config, params = export(self.student, self.params)
-        return Model(config, params, source="healed")
+        return Model(config, params, source="healed", provenance=self.provenance)
 
     def write_history(self, directory: str | Path) -> None:
         """history.json and loss.png (loss, LM loss and KL against step)."""
@@ -417,4 +422,7 @@ def heal(model: Model, tokens: np.ndarray, plan: LayerPlan | None = None, teache
             advance()
     if manager is not None:
         manager.close()
-    return HealResult(student, params, history)
+    lineage = plan.lineage_after(model.lineage()) if plan is not None else model.lineage()
+    operation = {"op": "heal", "teacher": None if teacher is None else str(teacher.source),
+                 "tokens": list(tokens.shape), **dataclasses.asdict(options)}
+    return HealResult(student, params, history, lineage.with_operation(operation))
