@@ -4,6 +4,7 @@ to the function."""
 from expand.ablate import ablate
 from expand.check import check
 from expand.config import Config, ConfigError, RopeScaling
+from expand.heal import HealOptions, heal
 from expand.io import CheckpointError, load, load_tokenizer, read_config, save
 from expand.model import Llama, Model, forward, generate
 from expand.params import param_count
@@ -15,8 +16,8 @@ from expand.surgery.recipe import plan_from_recipe
 from expand.surgery.width import widen
 
 __all__ = [
-    "CheckpointError", "Config", "ConfigError", "LayerPlan", "Llama", "Model", "Provenance", "RopeScaling",
-    "ablate", "apply_depth", "check", "depth_model", "depth_to_disk", "forward", "generate", "llama_pro_plan", "load",
-    "load_tokenizer", "param_count", "parse_layer_spec", "plan_from_layer_spec", "plan_from_recipe",
-    "read_config", "save", "widen", "with_identity", "with_slot_scale",
+    "CheckpointError", "Config", "ConfigError", "HealOptions", "LayerPlan", "Llama", "Model", "Provenance",
+    "RopeScaling", "ablate", "apply_depth", "check", "depth_model", "depth_to_disk", "forward", "generate", "heal",
+    "llama_pro_plan", "load", "load_tokenizer", "param_count", "parse_layer_spec", "plan_from_layer_spec",
+    "plan_from_recipe", "read_config", "save", "widen", "with_identity", "with_slot_scale",
 ]
