@@ -57,7 +57,7 @@ def cmd_generate(args) -> int:
     from expand.surgery.layerspec import parse_layer_spec
     from expand.text import chat_prompt
 
-    model = io.load(args.model, dtype=parse_dtype(args.dtype))
+    model = load_on_mesh(args.model, args, dtype=parse_dtype(args.dtype))
     tokenizer = io.load_tokenizer(model)
     prompt = chat_prompt(tokenizer, args.prompt, args.raw)
     layer_ids = None if args.layer_spec is None else parse_layer_spec(args.layer_spec,
@@ -208,8 +208,8 @@ def cmd_check(args) -> int:
 
     if (args.candidate is None) == (args.layer_spec is None):
         raise ValueError("give a CANDIDATE model or --layer-spec (a virtual candidate on the base), not both")
-    base = io.load(args.base)
-    candidate = args.candidate
+    base = load_on_mesh(args.base, args)
+    candidate = None if args.candidate is None else load_on_mesh(args.candidate, args)
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec
 
@@ -228,6 +228,19 @@ def cmd_check(args) -> int:
     return 0 if report.preserved else 1
 
 
+def load_on_mesh(path, args, dtype=jnp.float32):
+    """io.load, with each tensor placed straight into its shards when --mesh is given (after
+    jax.distributed.initialize when --coordinator is)."""
+    if not args.mesh:
+        return io.load(path, dtype=dtype)
+    from expand.sharding import initialize_distributed, make_mesh, parse_mesh, placement
+
+    if args.coordinator or args.num_processes is not None:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = make_mesh(parse_mesh(args.mesh))
+    return io.load(path, dtype=dtype, placement=placement(io.read_config(path), mesh))
+
+
 def eval_tokens(model, args):
     """The (sequences, length) eval batch of a verb with --text / --random-tokens / --seq-len /
     --num-sequences."""
@@ -244,7 +257,7 @@ def cmd_ablate(args) -> int:
 
     if args.out:
         refuse_existing(args.out, args.force)
-    model = io.load(args.model)
+    model = load_on_mesh(args.model, args)
     parse_sweep(args.sweep, model.config.num_hidden_layers)  # refuse a bad sweep before tokenizing or computing
     tokens = eval_tokens(model, args)
     table = ablate(model, args.sweep, tokens, batch_size=args.batch_size)
@@ -284,10 +297,10 @@ def cmd_heal(args) -> int:
                           checkpoint_every=args.checkpoint_every)
     options.validate()
     refuse_existing(args.out, args.force)
-    model = io.load(args.model)
+    model = load_on_mesh(args.model, args)
     chosen = any(a is not None for a in (args.layer_spec, args.recipe, args.llama_pro))
     plan = depth_plan(model.config, args) if chosen or args.identity else None
-    teacher = io.load(args.teacher) if args.teacher else None
+    teacher = load_on_mesh(args.teacher, args) if args.teacher else None
     tokens = eval_tokens(model, args)
     checkpoints = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
     result = heal(model, tokens, plan, teacher, options, checkpoints, resume=args.resume)
@@ -317,6 +330,14 @@ def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     p.add_argument("--dtype", help=dtype_help)
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def add_mesh_options(p: argparse.ArgumentParser) -> None:
+    """Options of every verb that runs the model: where its weights live."""
+    p.add_argument("--mesh", help="shard the weights over a device mesh, e.g. fsdp=8 or fsdp=2,tp=4")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -349,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-spec", help="run a depth plan virtually (shared weights), e.g. 0:10,10:20:2,20:")
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--dtype", default="fp32")
+    add_mesh_options(p)
     p.set_defaults(run=cmd_generate)
 
     p = verbs.add_parser("convert", help="GGUF / HF / orbax -> HF or orbax")
@@ -398,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp64"))
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--plot", help="write a PNG of drift per layer here")
+    add_mesh_options(p)
     p.set_defaults(run=cmd_check)
 
     p = verbs.add_parser("ablate", help="sweep depth variants on one set of weights (one compile per length)")
@@ -409,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: largest divisor up to 4)")
     p.add_argument("--out", help="write results.json, results.csv and PNG plots to this directory")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_mesh_options(p)
     p.set_defaults(run=cmd_ablate)
 
     p = verbs.add_parser("heal", help="fine-tune a grown or pruned model (optax), distilling from a teacher")
@@ -435,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoints")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_mesh_options(p)
     p.set_defaults(run=cmd_heal)
 
     p = verbs.add_parser("demo", help="grow, prune and widen the embedded SmolLM2 and check each variant")

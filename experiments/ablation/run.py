@@ -5,7 +5,7 @@ is recorded in summary.json).
 
     importance   delete-one: Block Influence and angular distance against the measured effect of removing
                  each layer (mean KL to the base, loss increase), with Spearman correlations
-    pruning      greedy removal (choosing on 2 x 512 held-out tokens that follow the eval tokens in the text)
+    pruning      greedy removal (choosing on 1 x 512 held-out tokens that follow the eval tokens in the text)
                  and removal in Block-Influence order, each down to 15 layers, evaluated on the eval tokens
     self-merge   window width x stride grid of overlapping-slice self-merges (the Llama-3-120B pattern)
     duplication  duplicate-one: which single duplicated layer hurts least
@@ -28,13 +28,13 @@ from expand.io.atomic import atomic_dir
 from expand.text import python_reference_text, token_batch
 
 HERE = Path(__file__).parent
-SEQ_LEN, EVAL_SEQUENCES, SELECT_SEQUENCES = 512, 32, 2
+SEQ_LEN, EVAL_SEQUENCES, SELECT_SEQUENCES = 512, 32, 1
 TARGET_DEPTH = 15
 WINDOW = "window:6,10,15:3,5"
 
 
 def texts(model):
-    """(eval tokens (32, 512), held-out selection tokens (2, 512), the text's sha256)."""
+    """(eval tokens (32, 512), held-out selection tokens (1, 512), the text's sha256)."""
     text = python_reference_text()
     ids = token_batch(model, text, SEQ_LEN, EVAL_SEQUENCES + SELECT_SEQUENCES)
     return ids[:EVAL_SEQUENCES], ids[EVAL_SEQUENCES:], hashlib.sha256(text.encode()).hexdigest()
