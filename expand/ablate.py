@@ -297,7 +297,8 @@ class Table:
         """results.json, results.csv and the PNG plots; returns the file names written."""
         directory = Path(directory)
         (directory / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        columns = ["name", "layer_spec", "depth", *[m for m in METRICS if m in self.rows[0]]]
+        fields = [k for k in ("layer", "width", "stride", "removed", "candidates") if k in self.rows[0]]
+        columns = ["name", "layer_spec", "depth", *fields, *[m for m in METRICS if m in self.rows[0]]]
         lines = [",".join(columns)]
         for row in [{"name": "base", "layer_spec": "all", "depth": self.base["depth"], **self.base}, *self.rows]:
             lines.append(",".join(_csv_cell(row.get(c, "")) for c in columns))
