@@ -332,6 +332,16 @@ def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """Options that describe a depth plan (`depth_plan` reads them)."""
+    p.add_argument("--layer-spec", help="chatllm.cpp-style spec, e.g. 0:8,4:12,8:16 or 0:10,10:20:2,20:")
+    p.add_argument("--recipe", help="a mergekit passthrough YAML (single-model recipes apply to MODEL)")
+    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS",
+                   help="LLaMA-Pro block expansion to NEW_LAYERS layers (identity copies)")
+    p.add_argument("--identity", metavar="duplicates|SLOTS",
+                   help="identity-initialise (zero o_proj and down_proj) the duplicated slots or the listed slots")
+
+
 def add_mesh_options(p: argparse.ArgumentParser) -> None:
     """Options of every verb that runs the model: where its weights live."""
     p.add_argument("--mesh", help="shard the weights over a device mesh, e.g. fsdp=8 or fsdp=2,tp=4")
@@ -384,12 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("depth", help="duplicate, delete or reorder layers into a new checkpoint (streamed)")
     p.add_argument("model", help="source model (for a multi-model recipe: the first slice's model)")
     p.add_argument("out")
-    p.add_argument("--layer-spec", help="chatllm.cpp-style spec, e.g. 0:8,4:12,8:16 or 0:10,10:20:2,20:")
-    p.add_argument("--recipe", help="a mergekit passthrough YAML (single-model recipes apply to MODEL)")
-    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS",
-                   help="LLaMA-Pro block expansion to NEW_LAYERS layers (identity copies)")
-    p.add_argument("--identity", metavar="duplicates|SLOTS",
-                   help="identity-initialise (zero o_proj and down_proj) the duplicated slots or the listed slots")
+    add_plan_options(p)
     add_output_options(p, "output dtype (default: the recipe's, else the source's)")
     p.set_defaults(run=cmd_depth)
 
@@ -438,10 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("heal", help="fine-tune a grown or pruned model (optax), distilling from a teacher")
     p.add_argument("model", help="the model to heal, or the base when a plan is given")
     p.add_argument("out")
-    p.add_argument("--layer-spec", help="heal MODEL run through this depth plan (virtual until export)")
-    p.add_argument("--recipe", help="heal MODEL run through this mergekit passthrough recipe")
-    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS", help="LLaMA-Pro expansion to NEW_LAYERS")
-    p.add_argument("--identity", metavar="duplicates|SLOTS", help="identity-initialise these slots of the plan")
+    add_plan_options(p)
     p.add_argument("--teacher", help="distill from this model's logits (usually the base)")
     add_eval_options(p)
     p.set_defaults(seq_len=256, num_sequences=None)  # train on every full window of the text
