@@ -37,11 +37,12 @@ This needs m' >= m c; fewer kv heads than before has no exact layout and is refu
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -368,18 +369,36 @@ def widen_model(model: Model, donor: Model | None = None, **sizes_and_options) -
     return Model(plan.config, params, model.source, model.lineage().with_operation(plan.to_json()))
 
 
+Grower = Callable[[TensorSpec, jax.Array, "jax.Array | None", "int | None"], jax.Array]
+
+
+def compiled_grower(plan: WidthPlan, base_config: Config) -> Grower:
+    """`grow_one` for this plan, compiled once per tensor spec (the arrays and the layer index are traced), so
+    each tensor is one fused XLA computation: op-by-op execution would hold several full-size float32
+    temporaries of the largest tensor (the embedding) at once, and run several times slower."""
+    compiled: dict[str, Callable] = {}
+
+    def grow(spec: TensorSpec, base: jax.Array, donor: jax.Array | None, layer: int | None) -> jax.Array:
+        if spec.name not in compiled:
+            compiled[spec.name] = jax.jit(functools.partial(grow_one, plan, spec, base_config=base_config))
+        return compiled[spec.name](base, donor, layer)
+
+    return grow
+
+
 def apply_width(plan: WidthPlan, config: Config, params: Params, donor_params: Params | None) -> Params:
+    grow = compiled_grower(plan, config)
     new: Params = {}
     for spec in tensor_specs(config):
         base = params[spec.name]
         if not spec.stacked:
             donor = None if donor_params is None else donor_params[spec.name]
-            new[spec.name] = grow_one(plan, spec, base, donor, None, config)
+            new[spec.name] = grow(spec, base, donor, None)
             continue
         layers = []
         for layer in range(config.num_hidden_layers):
             donor = None if donor_params is None else donor_params[spec.name][plan.donor_layers[layer]]
-            layers.append(grow_one(plan, spec, base[layer], donor, layer, config))
+            layers.append(grow(spec, base[layer], donor, layer))
         new[spec.name] = jnp.stack(layers)
     return new
 
@@ -400,6 +419,7 @@ def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | i
         validate_source(donor_config, donor_source)
     plan = width_plan(config, donor=donor_config, **sizes_and_options)
     out_dtype = np.dtype(dtype) if dtype is not None else None
+    grow = compiled_grower(plan, config)
     jobs = {}
     for spec in tensor_specs(config):
         for layer in (range(config.num_hidden_layers) if spec.stacked else [None]):
@@ -412,8 +432,8 @@ def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | i
         if donor_source is not None:
             donor_layer = None if layer is None else plan.donor_layers[layer]
             donor_array = jnp.asarray(spec.from_hf(donor_source.read(spec.hf_name(donor_layer)), donor_config))
-        grown = grow_one(plan, spec, base, donor_array, layer, config)
-        return spec.to_hf(np.asarray(grown), plan.config).astype(entry.dtype)
+        grown = grow(spec, base, donor_array, layer)
+        return spec.to_hf(np.asarray(grown), plan.config).astype(entry.dtype, copy=False)
 
     out_dtype = out_dtype or source_dtype(source)
     entries = [TensorEntry(name, spec.hf_shape(plan.config), out_dtype) for name, (spec, _) in jobs.items()]
