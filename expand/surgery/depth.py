@@ -142,7 +142,7 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
         array = array.astype(cast_in) if cast_in is not None else array
         if factor != 1.0:
             array = np.asarray(scale_tensor(array, factor))
-        return array.astype(out_dtype)
+        return array.astype(out_dtype, copy=False)
 
     provenance = Provenance.read(path) if path.is_dir() else None
     provenance = plan.lineage_after(provenance or Provenance.identity(config, str(model)))
