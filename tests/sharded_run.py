@@ -1,5 +1,6 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py):
-load a checkpoint sharded on a mesh, run forward, check and a few heal steps, and compare each with the
+load a checkpoint sharded on a mesh, run forward, check, a delete-one sweep, greedy generation and a few
+heal steps, and compare each with the
 same run on one device. Prints one JSON line."""
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def main(path: str, mesh_text: str) -> None:
     out["sharded_vs_fp64"] = float(np.abs(a.astype(np.float64) - reference).max())
     out["check_diff"] = {k: abs(getattr(ra, k) - getattr(rb, k)) for k in ("max_abs_logit_delta", "mean_kl",
                                                                            "top1_agreement")}
+    sweep_a, sweep_b = expand.ablate(sharded, "delete-one", tokens), expand.ablate(single, "delete-one", tokens)
+    out["ablate_diff"] = max(abs(x[k] - y[k]) for x, y in zip(sweep_a.rows, sweep_b.rows)
+                             for k in ("loss", "mean_kl", "top1"))
+    prompts = [list(map(int, row[:8])) for row in tokens[:2]]
+    out["generate_equal"] = (expand.generate(sharded.params, sharded.config, prompts, 6)
+                             == expand.generate(single.params, single.config, prompts, 6))
     # Adam's update g / (|g| + eps) turns rounding-level differences of near-zero gradients into differences
     # of up to lr per step, so the parameter comparison uses a small learning rate
     options = HealOptions(steps=3, lr=1e-5, warmup=0, batch_size=4)
