@@ -12,6 +12,8 @@ and its own LM loss is measured, before and after healing.
     pruned       layers 20-24 removed (25 layers): distillation vs LM only
     progressive  30 -> 40 layers with identity copies (LLaMA-Pro), all at once vs two stages of 5 layers,
                  equal total steps
+    control      the base itself, no surgery, trained the same way (LM + KL): what the training text alone
+                 does to the held-out numbers
 
     python experiments/healing/run.py [width self-merge pruned progressive]    # default: all
 """
@@ -59,10 +61,10 @@ def measure(base, candidate, held_out) -> dict:
     return {"mean_kl": report.mean_kl, "top1": report.top1_agreement, "loss": float(loss)}
 
 
-def run(base, name, model, plan, train, held_out, teacher, **options) -> dict:
+def run(base, name, model, plan, rows, held_out, teacher, **options) -> dict:
     start = time.perf_counter()
     before = measure(base, plan if plan is not None else model, held_out)
-    result = heal(model, train, plan, teacher=teacher, options=HealOptions(**OPTIONS, **options))
+    result = heal(model, rows, plan, teacher=teacher, options=HealOptions(**OPTIONS, **options))
     after = measure(base, result.export(), held_out)
     print(f"{name:55s} KL {before['mean_kl']:.4f} -> {after['mean_kl']:.4f}  loss {before['loss']:.3f} -> "
           f"{after['loss']:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -137,8 +139,14 @@ def progressive_study(base, train, held_out):
     return [once, {"name": "progressive 30 -> 35 -> 40 (identity copies)", "after": after, "curve": curve}]
 
 
+def control_study(base, train, held_out):
+    r = run(base, "base 30 layers, no surgery: distill + LM", base, None, train, held_out, base)
+    r.pop("result")
+    return [r]
+
+
 STUDIES = {"width": width_study, "self-merge": self_merge_study, "pruned": pruned_study,
-           "progressive": progressive_study}
+           "progressive": progressive_study, "control": control_study}
 
 
 def plot(results: dict, path: Path) -> None:
