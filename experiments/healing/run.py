@@ -159,10 +159,10 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4), squeeze=False)
     for ax, study in zip(axes[0], studies):
         for r in results[study]["runs"]:
-            ax.plot([c["step"] for c in r["curve"]], [c["loss"] for c in r["curve"]], label=r["name"].split(": ")[-1])
+            ax.plot([c["step"] for c in r["curve"]], [c["lm"] for c in r["curve"]], label=r["name"].split(": ")[-1])
         ax.set_title(study)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (LM + KL where distilled)")
+        ax.set_ylabel("LM loss of each training batch (2 x 128 tokens)")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
