@@ -293,7 +293,7 @@ def cmd_heal(args) -> int:
 
     options = HealOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                           batch_size=args.batch_size, distill_weight=args.distill_weight, lm_weight=args.lm_weight,
-                          train=args.train, shared=args.shared, gates=args.gates,
+                          train=args.train, shared=args.shared, gates=args.gates, gate_lr=args.gate_lr,
                           checkpoint_every=args.checkpoint_every)
     options.validate()
     refuse_existing(args.out, args.force)
@@ -456,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", default="virtual", choices=("virtual", "decoupled"),
                    help="virtual: duplicated slots share weights (update / k); decoupled: each slot owns a copy")
     p.add_argument("--gates", action="store_true", help="a gate (init 0) on each new slot's residual branches")
+    p.add_argument("--gate-lr", type=float, help="the gates' own peak learning rate (default: --lr)")
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--lm-weight", type=float, default=1.0)
     p.add_argument("--checkpoint-every", type=int, default=50)

@@ -69,6 +69,7 @@ class HealOptions:
     train: str = "all"
     shared: str = "virtual"
     gates: bool = False
+    gate_lr: float | None = None
     checkpoint_every: int = 50
 
     def validate(self) -> None:
@@ -82,6 +83,8 @@ class HealOptions:
             raise ValueError("the LM and distillation weights must be >= 0 and not both 0")
         if not self.lr > 0:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if self.gate_lr is not None and not (self.gates and self.gate_lr > 0):
+            raise ValueError(f"gate_lr={self.gate_lr} needs gates=True (--gates) and a positive value")
 
 
 # ---- the student: params, slots, gates ------------------------------------------------------------------
@@ -215,13 +218,24 @@ def scale_layers(factors: np.ndarray) -> optax.GradientTransformation:
 
 
 def make_optimizer(options: HealOptions, student: Student) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, options.lr, min(options.warmup, options.steps - 1),
-                                                  options.steps, end_value=options.lr / 10)
-    train = optax.chain(optax.clip_by_global_norm(options.clip),
-                        optax.adamw(schedule, weight_decay=options.weight_decay),
-                        scale_layers(layer_factors(student)))
+    """Clipped AdamW with warmup and cosine decay (to lr/10) on the trainable tensors, shared layers scaled
+    by lr/k; frozen tensors get zero updates. With gate_lr the gates are their own group (own clipping and
+    schedule peaking at gate_lr): Adam moves a parameter by at most about its lr per step, so gates that
+    start at 0 open slowly at a weight-sized lr."""
+
+    def adamw(peak: float) -> optax.GradientTransformation:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, min(options.warmup, options.steps - 1),
+                                                      options.steps, end_value=peak / 10)
+        return optax.chain(optax.clip_by_global_norm(options.clip),
+                           optax.adamw(schedule, weight_decay=options.weight_decay),
+                           scale_layers(layer_factors(student)))
+
+    groups = {"train": adamw(options.lr), "frozen": optax.set_to_zero()}
     labels = {name: "train" if t else "frozen" for name, t in trainable_leaves(student, options.train).items()}
-    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+    if options.gate_lr is not None:
+        groups["gates"] = adamw(options.gate_lr)
+        labels[GATES] = "gates"
+    return optax.multi_transform(groups, labels)
 
 
 def apply_updates(params: Params, updates: Params, trainable: dict[str, bool], frozen_layers: np.ndarray) -> Params:

@@ -88,6 +88,18 @@ def test_gates_train_from_zero(base, tokens):
     assert healed.config.num_hidden_layers == 6 and "gates" not in healed.params
 
 
+def test_gates_take_their_own_learning_rate(base, tokens):
+    lr, gate_lr = 1e-4, 1e-2
+    options = HealOptions(steps=1, lr=lr, gate_lr=gate_lr, warmup=0, clip=1e9, gates=True, shared="decoupled")
+    result = heal(base, tokens, plan(base), options=options)
+    # Adam's first step moves each entry with a non-negligible gradient by its group's learning rate; the
+    # gated slots' own weights get no gradient while their gates are 0
+    np.testing.assert_allclose(np.abs(np.asarray(result.params["gates"])), gate_lr, rtol=1e-3)
+    delta = np.abs(np.asarray(result.params["layers.mlp.up_proj.weight"]) -
+                   np.asarray(make_student(base, plan(base), options).params["layers.mlp.up_proj.weight"]))
+    np.testing.assert_allclose(delta.reshape(6, -1).max(axis=1), [lr, lr, lr, 0, 0, lr], rtol=1e-3)
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(base, tokens, tmp_path):
     options = HealOptions(steps=6, lr=3e-3, warmup=2, batch_size=4, checkpoint_every=2)
     whole = heal(base, tokens, plan(base), teacher=base, options=options, checkpoint_dir=tmp_path / "whole")
@@ -124,6 +136,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(base, tokens, tmp_p
     (HealOptions(train="some"), "train must be"),
     (HealOptions(shared="linked"), "shared must be"),
     (HealOptions(lr=0), "learning rate"),
+    (HealOptions(gate_lr=1e-2), "needs gates=True"),
 ])
 def test_bad_options(base, tokens, options, message):
     with pytest.raises(ValueError, match=message):
