@@ -12,10 +12,11 @@ and its own LM loss is measured, before and after healing.
     pruned       layers 20-24 removed (25 layers): distillation vs LM only
     progressive  30 -> 40 layers with identity copies (LLaMA-Pro), all at once vs two stages of 5 layers,
                  equal total steps
+    gate-lr      the self-merge's gated run again with the gates' own learning rate (1e-2, 50 x lr)
     control      the base itself, no surgery, trained the same way (LM + KL): what the training text alone
                  does to the held-out numbers
 
-    python experiments/healing/run.py [width self-merge pruned progressive]    # default: all
+    python experiments/healing/run.py [width self-merge pruned progressive gate-lr control]    # default: all
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ def progressive_study(base, train, held_out):
     return [once, {"name": "progressive 30 -> 35 -> 40 (identity copies)", "after": after, "curve": curve}]
 
 
+def gate_lr_study(base, train, held_out):
+    plan = expand.plan_from_layer_spec(SELF_MERGE, 30)
+    r = run(base, "self-merge 50 layers: distill + LM, gates (gate lr 1e-2) on new slots, new layers only", base,
+            plan, train, held_out, base, shared="decoupled", train="new", gates=True, gate_lr=1e-2)
+    r["gates"] = [float(g) for g in np.asarray(r.pop("result").params["gates"])]
+    return [r]
+
+
 def control_study(base, train, held_out):
     r = run(base, "base 30 layers, no surgery: distill + LM", base, None, train, held_out, base)
     r.pop("result")
@@ -146,7 +155,7 @@ def control_study(base, train, held_out):
 
 
 STUDIES = {"width": width_study, "self-merge": self_merge_study, "pruned": pruned_study,
-           "progressive": progressive_study, "control": control_study}
+           "progressive": progressive_study, "gate-lr": gate_lr_study, "control": control_study}
 
 
 def plot(results: dict, path: Path) -> None:
