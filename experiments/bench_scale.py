@@ -56,17 +56,16 @@ def checkpoint_facts(directory: str) -> dict:
     """Bytes on disk, parameter count, largest tensor and largest shard of a checkpoint (child process)."""
     import math
 
-    from expand.io.safetensors import SafetensorsSource
+    from expand.io.safetensors import CODE_DTYPES, SafetensorsSource
 
     source = SafetensorsSource(Path(directory))
-    shapes = {n: source.shape(n) for n in source.names()}
-    itemsize = 2  # every checkpoint here is bf16
+    sizes = {n: math.prod(source.shape(n)) for n in source.names()}
+    largest = max(sizes, key=sizes.get)
     files = sorted(Path(directory).glob("*.safetensors"))
     return {"bytes": sum(f.stat().st_size for f in files), "shards": len(files),
             "largest_shard_bytes": max(f.stat().st_size for f in files),
-            "parameters": sum(math.prod(s) for s in shapes.values()),
-            "largest_tensor": max(shapes, key=lambda n: math.prod(shapes[n])),
-            "largest_tensor_bytes": max(math.prod(s) for s in shapes.values()) * itemsize}
+            "parameters": sum(sizes.values()), "largest_tensor": largest,
+            "largest_tensor_bytes": sizes[largest] * CODE_DTYPES[source.dtype(largest)].itemsize}
 
 
 def drop_page_cache() -> bool:

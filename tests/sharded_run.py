@@ -1,7 +1,6 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_sharding.py):
 load a checkpoint sharded on a mesh, run forward, check, a delete-one sweep, greedy generation and a few
-heal steps, and compare each with the
-same run on one device. Prints one JSON line."""
+heal steps, and compare each with the same run on one device. Prints one JSON line."""
 
 from __future__ import annotations
 
