@@ -1,7 +1,9 @@
 """Ablation sweeps: many depth variants of one model, evaluated on one copy of its weights.
 
 A depth plan is data (`layer_ids`), not shape, so every variant of the same length runs through one
-compiled forward; nothing is written to disk and no weights are reloaded. Sweeps on a model of N layers:
+compiled forward; nothing is written to disk and no weights are reloaded. A variant whose first k slots are
+the base's resumes from the base's residual stream entering slot k (kept from the base's one forward), so
+removing layer i costs the layers after i, not the whole stack. Sweeps on a model of N layers:
 
     delete-one        N variants: layer i removed
     duplicate-one     N variants: layer i run twice in a row
@@ -183,11 +185,13 @@ def fixed_variants(sweep: Sweep, num_layers: int) -> list[tuple[str, LayerPlan, 
 
 @dataclasses.dataclass
 class EvalSet:
-    """The eval tokens split into equal batches (one compiled shape), with the base's logits per batch
-    kept on the device so each variant costs one forward."""
+    """The eval tokens split into equal batches (one compiled shape), with the base's logits (B, T, V) and
+    residual stream (N + 1, B, T, d) per batch kept on the device, so each variant costs at most one
+    forward, and only from the first slot where it departs from the base."""
 
     batches: list[jax.Array]
     base_logits: list[jax.Array]
+    base_hidden: list[jax.Array]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -207,23 +211,31 @@ def eval_set(model: Model, tokens: np.ndarray, batch_size: int | None = None) ->
     if len(tokens) % size:
         raise ValueError(f"batch size {size} does not divide the {len(tokens)} eval sequences")
     batches = [jnp.asarray(tokens[i:i + size]) for i in range(0, len(tokens), size)]
-    base = plan_of(range(model.config.num_hidden_layers), model.config.num_hidden_layers)
-    return EvalSet(batches, [variant_logits(model, b, base) for b in batches])
+    runs = [forward(model.params, b, model.config, return_hidden=True) for b in batches]
+    return EvalSet(batches, [logits for logits, _ in runs], [hidden for _, hidden in runs])
 
 
-def variant_logits(model: Model, tokens: jax.Array, plan: LayerPlan) -> jax.Array:
-    """Logits (B, T, V) of the plan run virtually on the model's weights (the base is the plan of all
-    layers, so it shares the compiled forward of every variant of its length)."""
-    return forward(model.params, tokens, model.config, layer_ids=jnp.asarray(plan.layer_ids),
-                   slot_scales=plan.slot_scales())
+def shared_prefix(plan: LayerPlan) -> int:
+    """k: how many leading slots of the plan are the base's own (slot s runs stored layer s, unscaled).
+    The plan's residual stream entering slot k is then the base's h_k."""
+    return next((s for s, slot in enumerate(plan.slots) if slot != Slot(s)), plan.num_layers)
+
+
+def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan) -> jax.Array:
+    """Logits (B, T, V) of the plan on eval batch `batch`, run virtually on the model's weights and resumed
+    from the base's residual stream after their shared prefix: a delete-one variant of layer i runs only
+    slots i .. N-2. The prefix length is data, so every plan of one length shares one compiled forward."""
+    k = shared_prefix(plan)
+    return forward(model.params, evals.batches[batch], model.config, layer_ids=jnp.asarray(plan.layer_ids),
+                   slot_scales=plan.slot_scales(), resume=(jnp.int32(k), evals.base_hidden[batch][k]))
 
 
 def evaluate(model: Model, evals: EvalSet, plan: LayerPlan) -> dict[str, float]:
     """The metrics of one variant (see the module docstring), accumulated over the eval batches."""
     nll = kl = agree = 0.0
     delta, positions, targets = 0.0, 0, 0
-    for tokens, base_logits in zip(evals.batches, evals.base_logits):
-        stats = jax.device_get(compare_logits(base_logits, variant_logits(model, tokens, plan), tokens))
+    for batch, (tokens, base_logits) in enumerate(zip(evals.batches, evals.base_logits)):
+        stats = jax.device_get(compare_logits(base_logits, variant_logits(model, evals, batch, plan), tokens))
         nll += float(stats["nll"].sum(dtype=np.float64))
         kl += float(stats["kl"].sum(dtype=np.float64))
         agree += float(stats["agree"].sum())
@@ -251,10 +263,8 @@ def importance(model: Model, evals: EvalSet, block_sizes: Sequence[int] = (1,)) 
     """Block Influence per layer and angular distance per block of n layers (module docstring), over the
     eval batches. Returns {"block_influence": [N], "angular_distance": {n: [N - n + 1]}}."""
     n_layers = model.config.num_hidden_layers
-    ids = jnp.arange(n_layers, dtype=jnp.int32)
     adjacent, last_token = [], []
-    for tokens in evals.batches:
-        _, hidden = forward(model.params, tokens, model.config, layer_ids=ids, return_hidden=True)
+    for hidden in evals.base_hidden:
         cos = np.asarray(_cosines(hidden), np.float64)  # (N+1, N+1, B, T)
         adjacent.append(np.stack([cos[i, i + 1] for i in range(n_layers)]).reshape(n_layers, -1))
         last_token.append(cos[..., -1])  # (N+1, N+1, B)

@@ -149,9 +149,12 @@ def _precision(dtype):
 
 
 def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_ids, slot_scales,
-            kv_cache=None, cache_index=0, collect_hidden=False, implementation=None):
+            kv_cache=None, cache_index=0, collect_hidden=False, implementation=None, resume=None):
     """The whole stack. tokens, positions (B, T); key_valid (B, S) marks keys that may be attended;
     layer_ids (N,); slot_scales {name: (N,)}; kv_cache (k, v) each (N, B, S, m, h) or None.
+    resume (k, h): start from the residual stream h (B, T, d) entering slot k and skip slots 0 .. k-1
+    (a `lax.cond` per slot, so one compiled function serves every k); the caller vouches that h is what
+    those slots compute.
 
     Returns logits (B, T, V) float32, the updated cache, and (if collect_hidden) the residual stream
     (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output of slot s (before the
@@ -159,7 +162,7 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
     embed = params["embed_tokens.weight"]
     dtype = embed.dtype
     with _precision(dtype):
-        h = embed[tokens]
+        h = embed[tokens] if resume is None else resume[1]
         cos, sin = rope_cos_sin(positions, config, dtype)
         num_keys = key_valid.shape[1]
         query_slots = cache_index + jnp.arange(tokens.shape[1])
@@ -167,16 +170,25 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
         mask = key_valid[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
         stacked = {n: a for n, a in params.items() if n.startswith("layers.")}
 
-        def slot(h, xs):
-            layer, scales, cache = xs
+        def run_slot(h, layer, scales, cache):
             w = {n: a[layer] for n, a in stacked.items()}
             for name, s in scales.items():
                 if name in w:  # a plan may scale biases that this model does not have
                     w[name] = scale_tensor(w[name], s)
-            h, cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
+            h, new_cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
+            return h, None if cache is None else new_cache
+
+        def slot(h, xs):
+            index, layer, scales, cache = xs
+            if resume is None:
+                h, cache = run_slot(h, layer, scales, cache)
+            else:
+                h, cache = jax.lax.cond(index < resume[0], lambda h: (h, cache),
+                                        lambda h: run_slot(h, layer, scales, cache), h)
             return h, (h if collect_hidden else None, cache)
 
-        h_out, (hidden, kv_cache) = jax.lax.scan(slot, h, (layer_ids, slot_scales, kv_cache))
+        slots = jnp.arange(layer_ids.shape[0])
+        h_out, (hidden, kv_cache) = jax.lax.scan(slot, h, (slots, layer_ids, slot_scales, kv_cache))
         normed = rms_norm(h_out, params["norm.weight"], config.rms_norm_eps)
         head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
         logits = jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(dtype, jnp.float32))
@@ -191,7 +203,7 @@ def default_layer_ids(config: Config) -> jax.Array:
 
 @partial(jax.jit, static_argnames=("config", "return_hidden", "implementation"))
 def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=None, attention_mask=None,
-            return_hidden: bool = False, implementation: str | None = None):
+            return_hidden: bool = False, implementation: str | None = None, resume=None):
     """Logits (B, T, V) float32 for tokens (B, T).
 
     layer_ids (N,) int: the slots to run (default: every stored layer once).
@@ -200,6 +212,8 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
     attention_mask (B, T): 1 for real tokens, 0 for right padding (positions stay 0..T-1).
     return_hidden: also return the residual stream per slot, (N + 1, B, T, d).
     implementation: `jax.nn.dot_product_attention` backend ('xla', 'cudnn' or None for automatic).
+    resume (k, h (B, T, d)): skip the first k slots and start from h, the residual stream another run
+        computed entering slot k (e.g. `return_hidden`'s [k] of a plan with the same first k slots).
     """
     TRACE_COUNTS["forward"] += 1
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -208,7 +222,7 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     key_valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
     logits, _, hidden = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales or {},
-                                collect_hidden=return_hidden, implementation=implementation)
+                                collect_hidden=return_hidden, implementation=implementation, resume=resume)
     return (logits, hidden) if return_hidden else logits
 
 

@@ -4,13 +4,14 @@ sweeps are refused before any compute."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 import expand
-from expand.ablate import ablate, importance, eval_set, parse_sweep, window_layers
+from expand.ablate import ablate, eval_set, importance, parse_sweep, shared_prefix, variant_logits, window_layers
 from expand.check import check, run_base
 from expand.cli import main
 from expand.model import TRACE_COUNTS, forward, lm_loss
@@ -68,6 +69,19 @@ def test_one_compilation_per_variant_length(model):
     assert table.lengths == [6, 7] and table.compilations == 3 == TRACE_COUNTS["forward"] - before
     again = ablate(model, "swap-adjacent", tokens)  # all variants have the base's length: nothing new
     assert len(again.rows) == LAYERS - 1 and again.compilations == 0
+
+
+def test_variants_resume_after_their_shared_prefix(model, tokens):
+    n = LAYERS
+    plans = {spec: expand.plan_from_layer_spec(spec, n) for spec in ("0:6", "0:3,4:6", "0:4,3:6", "1:6", "0,2,1,3:6")}
+    assert [shared_prefix(p) for p in plans.values()] == [6, 3, 4, 0, 1]
+    evals = eval_set(model, tokens[:2])
+    # the skipped slots are not run: poisoning the stored layers before slot 3 leaves the resumed variant exact
+    poisoned = {name: a.at[:3].set(np.nan) if name.startswith("layers.") else a for name, a in model.params.items()}
+    plan = plans["0:3,4:6"]
+    resumed = variant_logits(dataclasses.replace(model, params=poisoned), evals, 0, plan)
+    full = forward(model.params, tokens[:2], model.config, layer_ids=plan.layer_ids)
+    assert np.array_equal(np.asarray(resumed), np.asarray(full))
 
 
 def test_importance_matches_numpy(model, tokens):
