@@ -184,14 +184,29 @@ def fixed_variants(sweep: Sweep, num_layers: int) -> list[tuple[str, LayerPlan, 
 
 
 @dataclasses.dataclass
+class Trunk:
+    """A plan with its residual stream (N + 1, B, T, d) per eval batch kept on the device: a variant whose
+    first k slots are the trunk's has the trunk's h_k entering slot k, and starts there."""
+
+    plan: LayerPlan
+    hidden: list[jax.Array]
+
+    def shared_prefix(self, plan: LayerPlan) -> int:
+        """k: how many leading slots (stored layer and scales) the plan has in common with the trunk."""
+        pairs = zip(plan.slots, self.plan.slots)
+        return next((s for s, (mine, theirs) in enumerate(pairs) if mine != theirs),
+                    min(plan.num_layers, self.plan.num_layers))
+
+
+@dataclasses.dataclass
 class EvalSet:
-    """The eval tokens split into equal batches (one compiled shape), with the base's logits (B, T, V) and
-    residual stream (N + 1, B, T, d) per batch kept on the device, so each variant costs at most one
-    forward, and only from the first slot where it departs from the base."""
+    """The eval tokens split into equal batches (one compiled shape), with the base's logits (B, T, V) per
+    batch and the base as a trunk, all on the device: each variant costs at most one forward, and only from
+    the first slot where it departs from the base."""
 
     batches: list[jax.Array]
     base_logits: list[jax.Array]
-    base_hidden: list[jax.Array]
+    base: Trunk
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -203,6 +218,13 @@ def batch_size_for(num_sequences: int, limit: int = 4) -> int:
     return max(b for b in range(1, min(limit, num_sequences) + 1) if num_sequences % b == 0)
 
 
+def run_with_hidden(model: Model, tokens: jax.Array, plan: LayerPlan) -> tuple[jax.Array, jax.Array]:
+    """Logits (B, T, V) and residual stream (N + 1, B, T, d) of the plan run virtually; one compile per
+    plan length."""
+    return forward(model.params, tokens, model.config, layer_ids=jnp.asarray(plan.layer_ids),
+                   slot_scales=plan.slot_scales(), return_hidden=True)
+
+
 def eval_set(model: Model, tokens: np.ndarray, batch_size: int | None = None) -> EvalSet:
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
@@ -211,31 +233,34 @@ def eval_set(model: Model, tokens: np.ndarray, batch_size: int | None = None) ->
     if len(tokens) % size:
         raise ValueError(f"batch size {size} does not divide the {len(tokens)} eval sequences")
     batches = [jnp.asarray(tokens[i:i + size]) for i in range(0, len(tokens), size)]
-    runs = [forward(model.params, b, model.config, return_hidden=True) for b in batches]
-    return EvalSet(batches, [logits for logits, _ in runs], [hidden for _, hidden in runs])
+    base = plan_of(range(model.config.num_hidden_layers), model.config.num_hidden_layers)
+    runs = [run_with_hidden(model, b, base) for b in batches]
+    return EvalSet(batches, [logits for logits, _ in runs], Trunk(base, [hidden for _, hidden in runs]))
 
 
-def shared_prefix(plan: LayerPlan) -> int:
-    """k: how many leading slots of the plan are the base's own (slot s runs stored layer s, unscaled).
-    The plan's residual stream entering slot k is then the base's h_k."""
-    return next((s for s, slot in enumerate(plan.slots) if slot != Slot(s)), plan.num_layers)
+def trunk_of(model: Model, evals: EvalSet, plan: LayerPlan) -> Trunk:
+    """The plan's residual stream on every eval batch (one forward each)."""
+    return Trunk(plan, [run_with_hidden(model, tokens, plan)[1] for tokens in evals.batches])
 
 
-def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan) -> jax.Array:
+def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan, trunk: Trunk | None = None) -> jax.Array:
     """Logits (B, T, V) of the plan on eval batch `batch`, run virtually on the model's weights and resumed
-    from the base's residual stream after their shared prefix: a delete-one variant of layer i runs only
-    slots i .. N-2. The prefix length is data, so every plan of one length shares one compiled forward."""
-    k = shared_prefix(plan)
+    from the trunk's (default: the base's) residual stream after their shared prefix: removing layer i from
+    the base runs only slots i .. N-2. The prefix length is data, so every plan of one length shares one
+    compiled forward."""
+    trunk = trunk or evals.base
+    k = trunk.shared_prefix(plan)
     return forward(model.params, evals.batches[batch], model.config, layer_ids=jnp.asarray(plan.layer_ids),
-                   slot_scales=plan.slot_scales(), resume=(jnp.int32(k), evals.base_hidden[batch][k]))
+                   slot_scales=plan.slot_scales(), resume=(jnp.int32(k), trunk.hidden[batch][k]))
 
 
-def evaluate(model: Model, evals: EvalSet, plan: LayerPlan) -> dict[str, float]:
-    """The metrics of one variant (see the module docstring), accumulated over the eval batches."""
+def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None = None) -> dict[str, float]:
+    """The metrics of one variant (see the module docstring), accumulated over the eval batches; the variant
+    starts from the trunk (default: the base) where it departs from it."""
     nll = kl = agree = 0.0
     delta, positions, targets = 0.0, 0, 0
     for batch, (tokens, base_logits) in enumerate(zip(evals.batches, evals.base_logits)):
-        stats = jax.device_get(compare_logits(base_logits, variant_logits(model, evals, batch, plan), tokens))
+        stats = jax.device_get(compare_logits(base_logits, variant_logits(model, evals, batch, plan, trunk), tokens))
         nll += float(stats["nll"].sum(dtype=np.float64))
         kl += float(stats["kl"].sum(dtype=np.float64))
         agree += float(stats["agree"].sum())
@@ -264,7 +289,7 @@ def importance(model: Model, evals: EvalSet, block_sizes: Sequence[int] = (1,)) 
     eval batches. Returns {"block_influence": [N], "angular_distance": {n: [N - n + 1]}}."""
     n_layers = model.config.num_hidden_layers
     adjacent, last_token = [], []
-    for hidden in evals.base_hidden:
+    for hidden in evals.base.hidden:
         cos = np.asarray(_cosines(hidden), np.float64)  # (N+1, N+1, B, T)
         adjacent.append(np.stack([cos[i, i + 1] for i in range(n_layers)]).reshape(n_layers, -1))
         last_token.append(cos[..., -1])  # (N+1, N+1, B)
@@ -383,20 +408,24 @@ def removal_path(num_layers: int, order: Sequence[int]) -> list[tuple[str, Layer
 
 def _prune_greedy(model: Model, evals: EvalSet, target: int, metrics) -> list[dict]:
     """Remove, one at a time, the layer whose removal gives the lowest mean KL to the base; one row per
-    step (the chosen removal's metrics, and how many candidates were measured)."""
+    step (the chosen removal's metrics, and how many candidates were measured). Each step's candidates
+    start from the current model's residual stream where they depart from it (one extra forward per step
+    and batch, and one compile per depth for it)."""
     from expand.progress import progress_bar
 
     n = model.config.num_hidden_layers
-    kept, rows = list(range(n)), []
+    kept, rows, trunk = list(range(n)), [], evals.base
     with progress_bar(f"prune-greedy to {target}", total=sum(range(target + 1, n + 1))) as advance:
         while len(kept) > target:
             trials = []
             for layer in kept:
                 plan = plan_of([i for i in kept if i != layer], n)
-                trials.append((evaluate(model, evals, plan), layer, plan))
+                trials.append((evaluate(model, evals, plan, trunk), layer, plan))
                 advance()
             result, layer, plan = min(trials, key=lambda t: t[0]["mean_kl"])
             kept.remove(layer)
+            if len(kept) > target:
+                trunk = trunk_of(model, evals, plan)
             rows.append(_row(f"remove {layer}", plan, result, metrics) | {"removed": layer,
                                                                           "candidates": len(trials)})
     return rows

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import expand
-from expand.ablate import ablate, eval_set, importance, parse_sweep, shared_prefix, variant_logits, window_layers
+from expand.ablate import ablate, eval_set, importance, parse_sweep, trunk_of, variant_logits, window_layers
 from expand.check import check, run_base
 from expand.cli import main
 from expand.model import TRACE_COUNTS, forward, lm_loss
@@ -74,13 +74,22 @@ def test_one_compilation_per_variant_length(model):
 def test_variants_resume_after_their_shared_prefix(model, tokens):
     n = LAYERS
     plans = {spec: expand.plan_from_layer_spec(spec, n) for spec in ("0:6", "0:3,4:6", "0:4,3:6", "1:6", "0,2,1,3:6")}
-    assert [shared_prefix(p) for p in plans.values()] == [6, 3, 4, 0, 1]
     evals = eval_set(model, tokens[:2])
+    assert [evals.base.shared_prefix(p) for p in plans.values()] == [6, 3, 4, 0, 1]
     # the skipped slots are not run: poisoning the stored layers before slot 3 leaves the resumed variant exact
     poisoned = {name: a.at[:3].set(np.nan) if name.startswith("layers.") else a for name, a in model.params.items()}
     plan = plans["0:3,4:6"]
     resumed = variant_logits(dataclasses.replace(model, params=poisoned), evals, 0, plan)
     full = forward(model.params, tokens[:2], model.config, layer_ids=plan.layer_ids)
+    assert np.array_equal(np.asarray(resumed), np.asarray(full))
+    # from another trunk (prune-greedy's current model): without layer 1, then also without layer 4; only
+    # stored layer 5 runs, so every other layer is poisoned
+    trunk = trunk_of(model, evals, expand.plan_from_layer_spec("0,2:6", n))
+    deeper = expand.plan_from_layer_spec("0,2,3,5", n)
+    assert trunk.shared_prefix(deeper) == 3 and evals.base.shared_prefix(deeper) == 1
+    poisoned = {name: a.at[:5].set(np.nan) if name.startswith("layers.") else a for name, a in model.params.items()}
+    resumed = variant_logits(dataclasses.replace(model, params=poisoned), evals, 0, deeper, trunk)
+    full = forward(model.params, tokens[:2], model.config, layer_ids=deeper.layer_ids)
     assert np.array_equal(np.asarray(resumed), np.asarray(full))
 
 
@@ -114,6 +123,9 @@ def test_prune_greedy_removes_the_measured_least_harmful_layer(model, tokens, de
     assert table.rows[0]["candidates"] == 6 and table.rows[1]["candidates"] == 5
     kept = set(parse_layer_spec(table.rows[1]["layer_spec"], LAYERS))
     assert len(kept) == 4 and table.rows[0]["removed"] not in kept and table.rows[1]["removed"] not in kept
+    # the second step ran from the first step's model; measured from the base, the numbers are the same
+    again = ablate(model, [table.rows[1]["layer_spec"]], tokens).rows[0]
+    assert all(again[m] == table.rows[1][m] for m in ("loss", "mean_kl", "top1", "max_abs_logit_delta"))
 
 
 def test_prune_by_block_influence_follows_the_scores(model, tokens, delete_one):
