@@ -3,7 +3,8 @@
 A depth plan is data (`layer_ids`), not shape, so every variant of the same length runs through one
 compiled forward; nothing is written to disk and no weights are reloaded. A variant whose first k slots are
 the base's resumes from the base's residual stream entering slot k (kept from the base's one forward), so
-removing layer i costs the layers after i, not the whole stack. Sweeps on a model of N layers:
+removing layer i costs the layers after i, not the whole stack; prune-greedy's candidates resume from the
+current pruned model's stream the same way. Sweeps on a model of N layers:
 
     delete-one        N variants: layer i removed
     duplicate-one     N variants: layer i run twice in a row
@@ -243,7 +244,8 @@ def trunk_of(model: Model, evals: EvalSet, plan: LayerPlan) -> Trunk:
     return Trunk(plan, [run_with_hidden(model, tokens, plan)[1] for tokens in evals.batches])
 
 
-def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan, trunk: Trunk | None = None) -> jax.Array:
+def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan,
+                   trunk: Trunk | None = None) -> jax.Array:
     """Logits (B, T, V) of the plan on eval batch `batch`, run virtually on the model's weights and resumed
     from the trunk's (default: the base's) residual stream after their shared prefix: removing layer i from
     the base runs only slots i .. N-2. The prefix length is data, so every plan of one length shares one
