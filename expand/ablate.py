@@ -262,7 +262,8 @@ def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None 
     nll = kl = agree = 0.0
     delta, positions, targets = 0.0, 0, 0
     for batch, (tokens, base_logits) in enumerate(zip(evals.batches, evals.base_logits)):
-        stats = jax.device_get(compare_logits(base_logits, variant_logits(model, evals, batch, plan, trunk), tokens))
+        logits = variant_logits(model, evals, batch, plan, trunk)
+        stats = jax.device_get(compare_logits(base_logits, logits, tokens))
         nll += float(stats["nll"].sum(dtype=np.float64))
         kl += float(stats["kl"].sum(dtype=np.float64))
         agree += float(stats["agree"].sum())
