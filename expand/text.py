@@ -1,41 +1,43 @@
-"""Evaluation text: real English, never downloaded. The default is expand's own documentation (the
-docstrings of its modules, which were written for it and ship inside it, about 8k SmolLM2 tokens). For
-longer evaluations, `python-reference`: the Python Language Reference as installed with every CPython
-(`pydoc_data.topics`, the text `help()` shows; about 110k tokens; its exact words follow the Python
-version, so results record the text's sha256). Any text files can be given instead. Random tokens only
-when asked for."""
+"""Evaluation text: real English, never downloaded, and frozen, so that every number measured on it
+reproduces. Two texts ship inside expand (`expand/data/`), each recorded by its sha256:
+
+    expand-docs        the default: expand's own documentation (every docstring of its modules as they
+                       stood when the text was frozen; about 11k SmolLM2 tokens)
+    python-reference   the Python Language Reference topics of CPython 3.11.7 (`pydoc_data.topics`, the
+                       text `help()` shows; about 110k tokens), for longer evaluations
+
+Any text files can be given instead. Random tokens only when asked for."""
 
 from __future__ import annotations
 
-import ast
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
-PACKAGE = Path(__file__).parent
+DATA = Path(__file__).parent / "data"
+SHIPPED_TEXTS = {
+    "expand-docs": "a2d5d807348910378e101c808c26bbd2fb5f00ab9867a0ae616acafdca3b074b",
+    "python-reference": "d9dc35bce5ab1a24ed7f4c3c9b7c22450410e9d68279e3426db458c6be371621",
+}
+DEFAULT_TEXT = "expand-docs"
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 of a text's UTF-8 bytes: what results files record to name the text they were measured on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def shipped_text(name: str) -> str:
+    """One of SHIPPED_TEXTS, checked against its recorded sha256."""
+    text = (DATA / f"{name}.txt").read_text(encoding="utf-8")
+    if text_sha256(text) != SHIPPED_TEXTS[name]:
+        raise RuntimeError(f"{DATA / name}.txt does not have its recorded sha256; reinstall expand")
+    return text
 
 
 def default_text() -> str:
-    """Every docstring of the expand package (modules, classes, functions), in file order."""
-    parts = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in [tree, *ast.walk(tree)]:
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc.split()) >= 8:
-                    parts.append(doc)
-    return "\n\n".join(dict.fromkeys(parts))
-
-
-def python_reference_text() -> str:
-    """The Python Language Reference topics of the running interpreter, in sorted topic order."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name].strip() for name in sorted(topics))
-
-
-NAMED_TEXTS = {"expand-docs": default_text, "python-reference": python_reference_text}
+    return shipped_text(DEFAULT_TEXT)
 
 
 def chat_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:
@@ -48,15 +50,15 @@ def chat_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:
 
 
 def read_texts(paths) -> str:
-    """The text of files or named texts (NAMED_TEXTS), joined by blank lines."""
+    """The text of files or shipped texts (SHIPPED_TEXTS, by name), joined by blank lines."""
     texts = []
     for path in paths:
-        if str(path) in NAMED_TEXTS and not Path(path).is_file():
-            texts.append(NAMED_TEXTS[str(path)]())
+        if str(path) in SHIPPED_TEXTS and not Path(path).is_file():
+            texts.append(shipped_text(str(path)))
             continue
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no text file at {path} (named texts: {', '.join(NAMED_TEXTS)})")
+            raise FileNotFoundError(f"no text file at {path} (shipped texts: {', '.join(SHIPPED_TEXTS)})")
         texts.append(path.read_text(errors="replace"))
     return "\n\n".join(texts)
 
