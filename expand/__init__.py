@@ -6,7 +6,10 @@ from expand.check import check
 from expand.config import Config, ConfigError, RopeScaling
 from expand.heal import HealOptions, heal
 from expand.io import CheckpointError, load, load_tokenizer, read_config, save
-from expand.model import Llama, Model, forward, generate
+from expand.container import Model
+from expand.generate import generate
+from expand.model import forward
+from expand.nnx_view import Llama
 from expand.params import param_count
 from expand.provenance import Provenance
 from expand.surgery.depth import apply_depth, depth_model, depth_to_disk

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.check import compare_logits
-from expand.model import TRACE_COUNTS, Model, forward
+from expand.container import Model
+from expand.model import TRACE_COUNTS, forward
 from expand.params import param_count
 from expand.surgery.layerspec import parse_layer_spec, to_layer_spec
 from expand.surgery.plan import LayerPlan, Slot

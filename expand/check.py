@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from expand.model import Model, forward
+from expand.container import Model
+from expand.model import forward
 from expand.provenance import Provenance
 from expand.surgery.plan import LayerPlan, plan_from_layer_spec
 

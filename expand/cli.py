@@ -54,7 +54,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from expand.model import generate
+    from expand.generate import generate
     from expand.surgery.layerspec import parse_layer_spec
     from expand.text import chat_prompt
 

@@ -37,7 +37,8 @@ def variants(base):
 
 def answer(base, candidate, tokenizer, max_new_tokens: int = 40) -> str:
     """The candidate's greedy answer to CHAT_PROMPT."""
-    from expand.model import Model, generate
+    from expand.container import Model
+    from expand.generate import generate
     from expand.surgery.plan import LayerPlan
     from expand.text import chat_prompt
 

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from expand.model import Model, forward
+from expand.container import Model
+from expand.model import forward
 from expand.params import BRANCH_OUTPUTS, Params
 from expand.provenance import Provenance
 from expand.surgery.depth import apply_depth

@@ -17,20 +17,17 @@ in bfloat16.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections import Counter
 from functools import partial
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from expand.config import Config
-from expand.params import Params, flatten, nest
-from expand.provenance import Provenance
+from expand.numerics import next_token_nll, scale_rounded
+from expand.params import Params
 
 # How many times each jitted entry point was traced (= compiled); read by tests and sweep reports.
 TRACE_COUNTS: Counter = Counter()
@@ -124,13 +121,6 @@ def mlp(x, w):
                    "btf,fd->btd")
 
 
-def scale_tensor(weight: jax.Array, scale) -> jax.Array:
-    """weight * scale computed in float32 (float64 for float64 weights) and rounded back to the weight's
-    dtype: the rounding mergekit (torch opmath) applies, so virtual and materialized plans agree bitwise."""
-    acc = jnp.promote_types(weight.dtype, jnp.float32)
-    return (weight.astype(acc) * jnp.asarray(scale, acc)).astype(weight.dtype)
-
-
 def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
     """One pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.))."""
     a, kv_cache = attention(
@@ -174,7 +164,7 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
             w = {n: a[layer] for n, a in stacked.items()}
             for name, s in scales.items():
                 if name in w:  # a plan may scale biases that this model does not have
-                    w[name] = scale_tensor(w[name], s)
+                    w[name] = scale_rounded(w[name], s)
             h, new_cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
             return h, None if cache is None else new_cache
 
@@ -230,138 +220,4 @@ def lm_loss(params: Params, tokens, config: Config, **forward_options) -> jax.Ar
     """Mean next-token cross-entropy of tokens (B, T): the logits at positions 0..T-2 predict 1..T-1.
     forward_options go to `forward` (layer_ids, slot_scales, attention_mask ...)."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    logits = forward(params, tokens[:, :-1], config, **forward_options)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1).mean()
-
-
-# ---- generation --------------------------------------------------------------------------------------
-
-
-@partial(jax.jit, static_argnames=("config", "implementation"), donate_argnames=("kv_cache",))
-def _cached_step(params, tokens, positions, key_valid, kv_cache, cache_index, config, layer_ids, slot_scales,
-                 implementation=None):
-    """Run T new tokens against the cache; return last-position logits (B, V) and the updated cache."""
-    TRACE_COUNTS["cached_step"] += 1
-    logits, kv_cache, _ = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales,
-                                  kv_cache=kv_cache, cache_index=cache_index, implementation=implementation)
-    return logits[:, -1], kv_cache
-
-
-def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
-    """logits (B, V) -> tokens (B,): argmax when temperature == 0, else nucleus sampling at `top_p`."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)  # always keeps the top token
-    choice = jax.random.categorical(key, sorted_logits, axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-
-
-def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             layer_ids=None, slot_scales=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_token_ids: Sequence[int] | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) by up to `max_new_tokens`, stopping a row at EOS.
-
-    Prompts are left-padded to one length; every slot keeps its own KV cache (N, B, S, m, h), also when
-    two slots share weights. `on_token(row, token)` is called as each token is chosen (for streaming).
-    Returns the new tokens of each row, without the EOS token."""
-    layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
-    slot_scales = slot_scales or {}
-    eos = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
-    total = prompt_len + max_new_tokens
-    dtype = params["embed_tokens.weight"].dtype
-
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    tokens = np.full((batch, prompt_len), pad, np.int32)
-    key_valid = np.zeros((batch, total), bool)
-    for row, prompt in enumerate(prompts):
-        tokens[row, prompt_len - len(prompt):] = prompt
-        key_valid[row, prompt_len - len(prompt):] = True
-    lengths = np.array([len(p) for p in prompts])
-    positions = np.clip(np.cumsum(key_valid[:, :prompt_len], axis=1) - 1, 0, None).astype(np.int32)
-
-    cache_shape = (len(layer_ids), batch, total, config.num_key_value_heads, config.head_dim)
-    kv_cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
-    key_valid = jnp.asarray(key_valid)
-    logits, kv_cache = _cached_step(params, tokens, positions, key_valid, kv_cache, 0, config, layer_ids,
-                                    slot_scales)
-    rng = jax.random.key(seed)
-    outputs: list[list[int]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    for step in range(max_new_tokens):
-        rng, key = jax.random.split(rng)
-        next_tokens = np.asarray(sample_next(logits, key, temperature, top_p))
-        for row, token in enumerate(next_tokens.tolist()):
-            if done[row]:
-                continue
-            if token in eos:
-                done[row] = True
-                continue
-            outputs[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        step_positions = (lengths + step)[:, None].astype(np.int32)
-        logits, kv_cache = _cached_step(params, next_tokens[:, None].astype(np.int32), step_positions, key_valid,
-                                        kv_cache, prompt_len + step, config, layer_ids, slot_scales)
-    return outputs
-
-
-# ---- the NNX module ----------------------------------------------------------------------------------
-
-
-class _Node(nnx.Module):
-    """A namespace of params addressed by path, mirroring HF's module tree (model.layers.self_attn...)."""
-
-    def __init__(self, tree: dict):
-        for key, value in tree.items():
-            setattr(self, key, _Node(value) if isinstance(value, dict) else nnx.Param(value))
-
-
-class Llama(nnx.Module):
-    """Flax NNX view of a model: its params are `nnx.Param`s at HF-mirroring paths
-    (`model.layers.self_attn.q_proj.weight` etc., stacked over layers), so `nnx.state`, `nnx.Optimizer`
-    and NNX transforms work on it. Calling it runs the one functional `forward`."""
-
-    def __init__(self, config: Config, params: Params):
-        self.config = config
-        self.model = _Node(nest({n: params[n] for n in params}))
-
-    def params(self) -> Params:
-        """The flat param dict (the layout of `expand.params`)."""
-        return flatten(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
-
-    def __call__(self, tokens, **kwargs):
-        return forward(self.params(), tokens, self.config, **kwargs)
-
-
-# ---- a loaded or derived model -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """Config and params, with where they came from. Unpacks as `config, params = expand.load(path)`.
-
-    source: the path (or embedded name) the weights and tokenizer were read from.
-    provenance: the base-layer map and history of a grown or pruned model (None for a plain checkpoint).
-    """
-
-    config: Config
-    params: Params
-    source: str | None = None
-    provenance: Provenance | None = None
-
-    def __iter__(self):
-        return iter((self.config, self.params))
-
-    def lineage(self) -> Provenance:
-        """The provenance, or the identity map of a model that is its own base."""
-        return self.provenance or Provenance.identity(self.config, self.source)
+    return next_token_nll(forward(params, tokens[:, :-1], config, **forward_options), tokens).mean()

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 import expand
-from expand.model import sample_next
+from expand.generate import sample_next
 from tests.conftest import random_tokens, torch_reference
 
 

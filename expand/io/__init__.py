@@ -24,7 +24,7 @@ from expand.io.gguf import GGUFSource
 from expand.io.safetensors import (CODE_DTYPES, CheckpointError, SafetensorsSource, TensorEntry, parse_size,
                                    write_sharded)
 from expand.io.tokenizer import gguf_tokenizer
-from expand.model import Model
+from expand.container import Model
 from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
                             tensor_specs)
 from expand.progress import progress_bar

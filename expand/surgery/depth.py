@@ -16,7 +16,8 @@ from expand.config import Config
 from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
 from expand.io.atomic import atomic_dir, refuse_same_path
 from expand.io.safetensors import TensorEntry, parse_size, write_sharded
-from expand.model import Model, scale_tensor
+from expand.container import Model
+from expand.numerics import scale_rounded
 from expand.params import Params, tensor_specs
 from expand.progress import progress_bar
 from expand.provenance import Provenance
@@ -63,7 +64,7 @@ def apply_depth(config: Config, params: Params, plan: LayerPlan,
 
     def finish(array, factor):
         array = array.astype(cast_in) if cast_in else array
-        array = scale_tensor(array, factor) if np.any(np.asarray(factor) != 1.0) else array
+        array = scale_rounded(array, factor) if np.any(np.asarray(factor) != 1.0) else array
         return array.astype(cast_out) if cast_out else array
 
     scales = plan.slot_scales()
@@ -141,7 +142,7 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
         array = src.read(src_name)
         array = array.astype(cast_in) if cast_in is not None else array
         if factor != 1.0:
-            array = np.asarray(scale_tensor(array, factor))
+            array = np.asarray(scale_rounded(array, factor))
         return array.astype(out_dtype, copy=False)
 
     provenance = Provenance.read(path) if path.is_dir() else None

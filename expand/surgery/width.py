@@ -52,7 +52,8 @@ from expand.config import Config
 from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
 from expand.io.atomic import atomic_dir, refuse_same_path
 from expand.io.safetensors import TensorEntry, parse_size, write_sharded
-from expand.model import Model
+from expand.container import Model
+from expand.numerics import accumulation_dtype, scale_rounded
 from expand.params import Params, TensorSpec, axis_sizes, tensor_specs
 from expand.progress import progress_bar
 from expand.provenance import Provenance
@@ -148,8 +149,8 @@ def _fill(base: jax.Array, shape, key: jax.Array, fill: str) -> jax.Array:
     """New values without a donor: zeros, or normal with the base tensor's standard deviation."""
     if fill == "zeros":
         return jnp.zeros(shape, base.dtype)
-    std = jnp.std(base.astype(_wide(base.dtype)))
-    return (std * jax.random.normal(key, shape, _wide(base.dtype))).astype(base.dtype)
+    std = jnp.std(base.astype(accumulation_dtype(base.dtype)))
+    return (std * jax.random.normal(key, shape, accumulation_dtype(base.dtype))).astype(base.dtype)
 
 
 def grow_tensor(spec: TensorSpec, base: jax.Array, new_values: jax.Array, maps: Mapping[str, AxisMap],
@@ -169,9 +170,9 @@ def grow_tensor(spec: TensorSpec, base: jax.Array, new_values: jax.Array, maps: 
     if spec.name.endswith("norm.weight"):
         if mode == "frankenllama" and spec.name == "norm.weight":
             return jnp.ones(shape, base.dtype)
-        fresh = jnp.full(shape, jnp.mean(base.astype(_wide(base.dtype))), base.dtype) if base_norm_fill else new_values
+        fresh = jnp.full(shape, jnp.mean(base.astype(accumulation_dtype(base.dtype))), base.dtype) if base_norm_fill else new_values
         fresh = jnp.zeros(shape, base.dtype) if mode == "zero-norm" else fresh
-        old = scale_wide(gathered, norm_scale)
+        old = scale_rounded(gathered, norm_scale)
         return jnp.where(new_out, fresh, old)
     zero = jnp.zeros(shape, base.dtype)
     if mode == "exact":
@@ -185,27 +186,17 @@ def grow_tensor(spec: TensorSpec, base: jax.Array, new_values: jax.Array, maps: 
     return jnp.where(new_out, lower, jnp.where(new_in, zero, gathered))
 
 
-def _wide(dtype):
-    """The dtype to compute in: float32 for bf16/fp16 params, the params' own for fp32 and fp64."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def scale_wide(array: jax.Array, factor: float) -> jax.Array:
-    """array * factor computed in at least float32, rounded back to the array's dtype."""
-    return array if factor == 1.0 else (array.astype(_wide(array.dtype)) * factor).astype(array.dtype)
-
-
 def duplicate_tensor(spec: TensorSpec, base: jax.Array, maps: Mapping[str, AxisMap], key: jax.Array,
                      noise: float, final_norm_factor: float) -> jax.Array:
     """Tile every grown axis; divide by the copy count of each grown input axis; add zero-sum noise
     over the input copies. `final_norm_factor` divides the final norm gain (tied embeddings)."""
     tiles = _take(base, spec.axes, maps)
     if spec.name == "norm.weight":
-        return scale_wide(tiles, 1.0 / final_norm_factor)
+        return scale_rounded(tiles, 1.0 / final_norm_factor)
     _, inputs = _role(spec)
     grown = [(p, a) for p, a in enumerate(spec.axes) if a in inputs and a in maps]
     factor = math.prod(maps[a].size // (max(maps[a].source) + 1) for _, a in grown)
-    out = tiles.astype(_wide(tiles.dtype)) / factor
+    out = tiles.astype(accumulation_dtype(tiles.dtype)) / factor
     if noise and grown:
         position, axis = grown[0]
         k = maps[axis].size // (max(maps[axis].source) + 1)

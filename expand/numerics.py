@@ -1,0 +1,49 @@
+"""The few numbers every verb computes, each defined once: scaled rounding of weights, next-token
+cross-entropy and KL divergence between two sets of logits.
+
+Shapes: logits (..., V) over a vocabulary of V; the leading axes are positions (B, T) or anything else.
+Every reduction over V runs in at least float32, whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for bf16/fp16, the dtype itself for float32 and float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def scale_rounded(array: jax.Array, factor) -> jax.Array:
+    """array * factor computed in at least float32 and rounded back to the array's dtype: the rounding
+    mergekit (torch opmath) applies to a scaled tensor, used by every path that scales weights (virtual
+    slots, materialized depth plans, width growth), so they agree bit for bit. factor: a scalar or an array
+    that broadcasts against `array`."""
+    acc = accumulation_dtype(array.dtype)
+    return (array.astype(acc) * jnp.asarray(factor, acc)).astype(array.dtype)
+
+
+def log_probs(logits: jax.Array) -> jax.Array:
+    """log softmax over the last axis, in at least float32."""
+    return jax.nn.log_softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position: logits (..., V), targets (...) int -> (...)."""
+    return -jnp.take_along_axis(log_probs(logits), jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0]
+
+
+def next_token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The next-token loss terms of a sequence: logits (B, T', V) at positions 0..T-2 predict tokens (B, T)
+    at 1..T-1 (T' is T or T - 1; a last position without a target is dropped) -> (B, T - 1)."""
+    length = tokens.shape[1] - 1
+    return token_nll(logits[:, :length], tokens[:, 1:])
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per position, (..., V) x 2 -> (...). Not clipped: a
+    value slightly below 0 is rounding, and a loss needs its gradient there (reports clip it)."""
+    log_p, log_q = log_probs(p_logits), log_probs(q_logits)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
