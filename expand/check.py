@@ -29,6 +29,7 @@ import numpy as np
 
 from expand.container import Model
 from expand.model import forward
+from expand.numerics import accumulation_dtype, kl_divergence, next_token_nll
 from expand.provenance import Provenance
 from expand.surgery.plan import LayerPlan, plan_from_layer_spec
 
@@ -149,14 +150,12 @@ def compare_logits(base_logits, logits, tokens) -> dict[str, jax.Array]:
     max_abs_delta (B, T): max_v |logit_candidate - logit_base|.
     nll (B, T - 1): -log q(tokens[:, t + 1]) at position t, the candidate's next-token loss terms
         (its mean is `lm_loss`)."""
-    dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    base_logits, logits = base_logits.astype(dtype), logits.astype(dtype)
-    p_log = jax.nn.log_softmax(base_logits, axis=-1)
-    q_log = jax.nn.log_softmax(logits, axis=-1)
-    kl = jnp.maximum(jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1), 0.0)
+    kl = jnp.maximum(kl_divergence(base_logits, logits), 0.0)
     agree = jnp.argmax(base_logits, -1) == jnp.argmax(logits, -1)
-    nll = -jnp.take_along_axis(q_log[:, :-1], jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
-    return {"kl": kl, "agree": agree, "max_abs_delta": jnp.abs(logits - base_logits).max(-1), "nll": nll}
+    nll = next_token_nll(logits, tokens)
+    acc = accumulation_dtype(logits.dtype)
+    delta = jnp.abs(logits.astype(acc) - base_logits.astype(acc)).max(-1)
+    return {"kl": kl, "agree": agree, "max_abs_delta": delta, "nll": nll}
 
 
 def relative_drift(hidden: np.ndarray, reference: np.ndarray) -> float:

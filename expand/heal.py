@@ -44,6 +44,7 @@ import optax
 
 from expand.container import Model
 from expand.model import forward
+from expand.numerics import kl_divergence, next_token_nll
 from expand.params import BRANCH_OUTPUTS, Params
 from expand.provenance import Provenance
 from expand.surgery.depth import apply_depth
@@ -264,12 +265,10 @@ def heal_loss(params: Params, tokens, teacher_logits, student: Student, lm_weigh
     weights = {k: v for k, v in params.items() if k != GATES}
     logits = forward(weights, tokens[:, :-1], student.config, layer_ids=student.layer_ids,
                      slot_scales=student.slot_scales(params.get(GATES)))
-    log_q = jax.nn.log_softmax(logits, axis=-1)
-    lm = -jnp.take_along_axis(log_q, tokens[:, 1:, None], axis=-1).mean()
+    lm = next_token_nll(logits, tokens).mean()
     if teacher_logits is None:
         return lm_weight * lm, (lm, jnp.zeros(()))
-    log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1).mean()
+    kl = kl_divergence(teacher_logits, logits).mean()
     return lm_weight * lm + distill_weight * kl, (lm, kl)
 
 
