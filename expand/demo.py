@@ -53,11 +53,13 @@ def answer(base, candidate, tokenizer, max_new_tokens: int = 40) -> str:
 
 
 def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_sequences: int = 4) -> int:
-    from expand.check import check, plot_layers, run_base, summary_row
-    from expand.cli import console, print_reports
+    from rich.text import Text
+
+    from expand.check import check, run_base
     from expand.io import load, load_tokenizer
     from expand.io.atomic import atomic_dir, refuse_existing
     from expand.progress import progress_bar
+    from expand.report import console, plot_layers, plot_summary, print_reports, summary_row
     from expand.text import token_batch
 
     refuse_existing(out, overwrite)
@@ -78,9 +80,9 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
             advance()
     print_reports(reports, f"SmolLM2-135M variants vs the base (fp32, {num_sequences} x {seq_len} tokens of text; "
                            f"floor = fp32 vs fp64 of the base)")
-    console.print(f"[bold]Q:[/] {CHAT_PROMPT}")
+    console.print(Text("Q: ", style="bold") + Text(CHAT_PROMPT))
     for name, text in answers.items():
-        console.print(f"  [cyan]{name}[/]: {text}", highlight=False)
+        console.print(Text(f"  {name}", style="cyan") + Text(f": {text}"))
     with atomic_dir(out, overwrite) as tmp:
         summary = {"prompt": CHAT_PROMPT, "tokens": list(tokens.shape), "floor": base_run.floor,
                    "table": [summary_row(r) for r in reports], "answers": answers,
@@ -89,28 +91,6 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
         (tmp / "answers.txt").write_text(f"Q: {CHAT_PROMPT}\n\n" + "\n\n".join(f"[{k}]\n{v}" for k, v in answers.items()) + "\n")
         plot_layers([r for r in reports if r.layers], tmp / "drift_per_layer.png")
         plot_summary(reports, tmp / "summary.png")
-    console.print(f"report written to {out}/ (report.json, answers.txt, drift_per_layer.png, summary.png)")
+    console.print(Text(f"report written to {out}/ (report.json, answers.txt, drift_per_layer.png, summary.png)"))
     expected = [True, False, False, True, False]
     return 0 if [r.preserved for r in reports] == expected else 1
-
-
-def plot_summary(reports, path: Path) -> None:
-    """Bar chart of max |delta logit| per variant against the tolerance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    values = [max(r.max_abs_logit_delta, 1e-8) for r in reports]
-    colors = ["tab:green" if r.preserved else "tab:red" for r in reports]
-    ax.barh(range(len(reports)), values, color=colors)
-    ax.axvline(reports[0].tolerance, color="k", ls="--", lw=1, label="tolerance (10 x fp32 floor)")
-    ax.set_yticks(range(len(reports)), [r.candidate for r in reports], fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("max |delta logit| vs the base")
-    ax.invert_yaxis()
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -3,15 +3,23 @@ given a layer spec or recipe, the model that plan would build, all from the conf
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from expand.config import Config
-from expand.io import read_config, resolve
-from expand.io.gguf import GGUFSource
+from expand.io import checkpoint_storage, read_config, resolve, stored_weight_dtype
 from expand.params import param_count
-from expand.surgery.plan import LayerPlan, plan_from_layer_spec
-from expand.surgery.recipe import plan_from_recipe
+from expand.report import format_config_float
+from expand.surgery.plan import LayerPlan
+
+
+def output_dtype(plan: LayerPlan, source: Path) -> np.dtype:
+    """The dtype `expand depth` writes for this plan: the recipe's out_dtype or dtype, else the source's."""
+    import jax.numpy as jnp
+
+    chosen = plan.out_dtype or plan.dtype
+    return np.dtype(jnp.dtype(chosen)) if chosen else stored_weight_dtype(source)
 
 
 def human_count(n: int) -> str:
@@ -27,24 +35,6 @@ def human_bytes(n: int) -> str:
         if n >= div:
             return f"{n / div:.1f} {suffix}"
     return f"{n} B"
-
-
-def stored_dtype(path: Path) -> str:
-    """The weights' dtype as stored: GGUF tensor types with counts, else config.json's dtype field."""
-    if path.suffix == ".gguf":
-        counts = Counter(t.tensor_type.name for t in GGUFSource(path).reader.tensors)
-        return ", ".join(f"{name} x{n}" for name, n in counts.most_common()) + " (dequantized on load)"
-    import json
-
-    d = json.loads((path / "config.json").read_text())
-    return str(d.get("dtype") or d.get("torch_dtype") or "unknown")
-
-
-def weight_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    files = [*path.glob("*.safetensors"), *path.glob("params/**/*")]
-    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def architecture_rows(config: Config) -> list[tuple[str, str]]:
@@ -63,45 +53,39 @@ def architecture_rows(config: Config) -> list[tuple[str, str]]:
         ("embeddings", "tied" if config.tie_word_embeddings else "untied"),
         ("biases", ", ".join(biases) or "none"),
         ("rope", f"theta {config.rope_theta:g}, {rope}"),
-        ("rms_norm_eps", f"{config.rms_norm_eps:g}"),
+        ("rms_norm_eps", format_config_float(config.rms_norm_eps)),
     ]
 
 
-def plan_for(config: Config, layer_spec: str | None, recipe: str | None) -> LayerPlan | None:
-    if layer_spec and recipe:
-        raise ValueError("give --layer-spec or --recipe, not both")
-    if layer_spec:
-        return plan_from_layer_spec(layer_spec, config.num_hidden_layers)
-    if recipe:
-        return plan_from_recipe(recipe, num_layers=config.num_hidden_layers)
-    return None
-
-
-def describe(model, layer_spec: str | None = None, recipe: str | None = None) -> dict:
-    """All `expand show` reports, as a dict (the JSON of --json; `table` holds the printed rows)."""
+def describe(model, plan: LayerPlan | None = None) -> dict:
+    """All `expand show` reports, as a dict (the JSON of --json; `table` holds the printed rows): the
+    model's architecture and size, and with a plan the model it would build, its size on disk included."""
     path = resolve(model)
     config = read_config(model)
     count = param_count(config)
-    size = weight_bytes(path)
+    stored, size = checkpoint_storage(path)
     rows = architecture_rows(config) + [
-        ("dtype (stored)", stored_dtype(path)),
+        ("dtype (stored)", stored),
         ("parameters", f"{count:,} ({human_count(count)})"),
         ("size on disk", f"{human_bytes(size)} ({size:,} bytes)" if size else "no weights (config only)"),
     ]
     info = {"model": str(model), "config": config.to_hf(), "parameters": count, "size_on_disk_bytes": size}
-    plan = plan_for(config, layer_spec, recipe)
     if plan is not None:
         new_count = param_count(config, plan.layer_ids)
+        dtype = output_dtype(plan, path)
+        new_bytes = new_count * dtype.itemsize
         identity = plan.identity_slots
         rows += [
             ("plan", plan.description),
             ("new layers", str(plan.num_layers)),
             ("new parameters", f"{new_count:,} ({human_count(new_count)})"),
+            ("new size on disk", f"{human_bytes(new_bytes)} ({new_bytes:,} bytes of weights in {dtype.name})"),
             ("layer map", plan.layer_map()),
         ]
         if identity:
             rows.append(("identity slots", ", ".join(map(str, identity))))
-        info.update(num_layers=plan.num_layers, new_parameters=new_count, layer_map=plan.layer_map(),
-                    slots=plan.layer_ids.tolist(), identity_slots=identity, plan=plan.to_json())
+        info.update(num_layers=plan.num_layers, new_parameters=new_count, new_size_on_disk_bytes=new_bytes,
+                    new_dtype=dtype.name, layer_map=plan.layer_map(), slots=plan.layer_ids.tolist(),
+                    identity_slots=identity, plan=plan.to_json())
     info["table"] = rows
     return info

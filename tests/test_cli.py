@@ -48,3 +48,40 @@ def test_missing_model_is_exit_2(tmp_path, capsys):
 def test_generate_streams_text(smollm2, capsys):
     assert main(["generate", "smollm2", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_layer_specs_starting_with_a_minus_work_as_written(tiny_checkpoint, capsys):
+    assert main(["show", str(tiny_checkpoint), "--layer-spec", "-2:", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["slots"] == [2, 3]
+    assert main(["show", str(tiny_checkpoint), "--layer-spec", "-4:-1,-1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["slots"] == [0, 1, 2, 3]
+
+
+def test_empty_and_dash_range_specs_are_refused_with_the_fix(tmp_path, tiny_checkpoint, capsys):
+    assert main(["depth", str(tiny_checkpoint), str(tmp_path / "out"), "--layer-spec", ""]) == 2
+    assert "the layer spec is empty" in capsys.readouterr().err
+    assert main(["check", str(tiny_checkpoint), "--layer-spec", "", "--random-tokens"]) == 2
+    assert "the layer spec is empty" in capsys.readouterr().err
+    assert main(["depth", str(tiny_checkpoint), str(tmp_path / "out"), "--layer-spec", "0-2"]) == 2
+    assert "did you mean 0:3?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_option_says_what_it_does_and_its_default(capsys):
+    import pytest
+
+    from expand.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if a.dest == "verb").choices
+    for name, sub in verbs.items():
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"expand {name} {action.option_strings[0]} has no help"
+            if action.default not in (None, False):
+                text = " ".join(sub.format_help().split())  # help lines wrap
+                assert f"(default: {action.default})" in text, f"expand {name} {action.option_strings[0]}"
+    with pytest.raises(SystemExit):
+        main(["depth", "--help"])
+    assert "stop is exclusive" in capsys.readouterr().out

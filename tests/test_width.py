@@ -254,8 +254,14 @@ def test_dry_run_of_frankenllama_13b_to_33b_width(capsys):
     from expand.cli import main
 
     configs = Path(__file__).parents[1] / "experiments" / "configs"
-    assert main(["widen", str(configs / "llama-2-13b"), "--like", str(configs / "llama-1-33b"), "--dry-run"]) == 0
-    assert "21,827,959,296" in capsys.readouterr().out
+    like = ["widen", str(configs / "llama-2-13b"), "--like", str(configs / "llama-1-33b"), "--dry-run"]
+    assert main(like) == 2  # Llama-1-33B has 60 layers: --like takes every size, and widening keeps depth
+    assert "60 layers" in capsys.readouterr().err
+    assert main([*like, "--width-only"]) == 0
+    out = capsys.readouterr().out
+    assert "21,827,959,296" in out
+    assert "rms_norm_eps 1e-05 -> 7.692307692307692e-06" in out  # d/d' = 5120/6656, said and explained
+    assert "max_position_embeddings stays 4096" in out
 
 
 def test_expand_widen_on_disk_equals_in_memory_and_loads_in_transformers(tmp_path, tiny_checkpoint):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +22,8 @@ from expand.config import Config
 from expand.io.atomic import atomic_dir, refuse_existing, refuse_same_path
 from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
-from expand.io.safetensors import (CODE_DTYPES, CheckpointError, SafetensorsSource, TensorEntry, parse_size,
-                                   write_sharded)
+from expand.io.safetensors import (CODE_DTYPES, INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource,
+                                   TensorEntry, parse_size, write_sharded)
 from expand.io.tokenizer import gguf_tokenizer
 from expand.container import Model
 from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
@@ -109,6 +110,30 @@ def source_dtype(source) -> np.dtype:
     if not isinstance(source, SafetensorsSource):
         return np.dtype(np.float32)
     return CODE_DTYPES[source.dtype(spec_by_name("embed_tokens.weight").hf_name())]
+
+
+def stored_weight_dtype(path: Path) -> np.dtype:
+    """The dtype surgery writes by default for a checkpoint: its weights' stored dtype (safetensors), float32
+    for GGUF (dequantized), else config.json's `dtype` / `torch_dtype` (a directory with only a config)."""
+    if path.suffix != ".gguf" and any((path / f).exists() for f in (SINGLE_FILE, INDEX_FILE)):
+        return source_dtype(SafetensorsSource(path))
+    if path.suffix == ".gguf":
+        return np.dtype(np.float32)
+    d = json.loads((path / "config.json").read_text())
+    name = d.get("dtype") or d.get("torch_dtype") or "float32"
+    return np.dtype(jnp.dtype(name))
+
+
+def checkpoint_storage(path: Path) -> tuple[str, int]:
+    """(how the weights are stored, in words; bytes of weight files) of a checkpoint path."""
+    if path.suffix == ".gguf":
+        counts = Counter(t.tensor_type.name for t in GGUFSource(path).reader.tensors)
+        stored = ", ".join(f"{name} x{n}" for name, n in counts.most_common()) + " (dequantized on load)"
+        return stored, path.stat().st_size
+    files = [*path.glob("*.safetensors"), *path.glob(f"{ORBAX_PARAMS}/**/*")]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    d = json.loads((path / "config.json").read_text())
+    return str(d.get("dtype") or d.get("torch_dtype") or "unknown"), size
 
 
 def _single_device(spec: TensorSpec, shape) -> jax.sharding.Sharding:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 _INT = re.compile(r"^\s*-?\d+\s*$")
+_DASH_RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")  # 0-24, a common way to write layers 0..24
 
 
 def _bound(text: str, item: str, num_layers: int, what: str) -> int | None:
@@ -21,7 +22,10 @@ def _bound(text: str, item: str, num_layers: int, what: str) -> int | None:
     if text == "":
         return None
     if not _INT.match(text):
-        raise ValueError(f"layer spec item {item!r}: {what} {text!r} is not an integer")
+        dash = _DASH_RANGE.match(item)
+        hint = (f"; ranges are start:stop with stop exclusive: did you mean {dash[1]}:{int(dash[2]) + 1}?"
+                if dash else "")
+        raise ValueError(f"layer spec item {item!r}: {what} {text!r} is not an integer{hint}")
     value = int(text)
     if not -num_layers <= value <= num_layers:
         raise ValueError(
@@ -62,6 +66,8 @@ def parse_layer_spec(spec: str, num_layers: int) -> tuple[int, ...]:
         raise ValueError(f"a layer spec is a string like '0:8,4:12', got {type(spec).__name__}")
     if num_layers <= 0:
         raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if not spec.strip():
+        raise ValueError("the layer spec is empty: write items like 0:20,10:30 (or 'all' for every layer once)")
     slots = [layer for item in spec.split(",") for layer in _parse_item(item, num_layers)]
     if not slots:
         raise ValueError(f"layer spec {spec!r} selects no layers")

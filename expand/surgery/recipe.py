@@ -116,6 +116,12 @@ def _validate(recipe: dict) -> list[dict]:
     return slices
 
 
+def recipe_model_names(recipe: str | Path | Mapping) -> list[str]:
+    """The models a recipe's slices read, in order of first use."""
+    slices = _validate(read_recipe(recipe))
+    return list(dict.fromkeys(s["sources"][0]["model"] for s in slices))
+
+
 def plan_from_recipe(recipe: str | Path | Mapping, num_layers: int | Mapping[str, int] | None = None) -> LayerPlan:
     """A mergekit passthrough recipe (a YAML path or a dict) -> LayerPlan.
 

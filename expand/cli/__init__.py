@@ -1,0 +1,60 @@
+"""The `expand` command line: each verb is one library call plus printing.
+
+Exit status: 0 success (for `check`: preserved), 1 `check` found drift or a non-finite model, 2 an error (bad
+input, with a message naming the problem and the fix; never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+from rich.text import Text
+
+from expand.cli import heal_verb, measure_verbs, model_verbs, surgery_verbs
+from expand.cli.options import HelpFormatter, join_negative_values
+
+VERB_MODULES = (model_verbs, surgery_verbs, measure_verbs, heal_verb)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expand", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for module in VERB_MODULES:
+        module.register(verbs)
+    return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (a message for the user, exit 2), not a bug in expand."""
+    from expand.config import ConfigError
+    from expand.heal import HealDiverged
+    from expand.io.atomic import OutputExistsError
+    from expand.io.safetensors import CheckpointError
+
+    return ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, ConfigError, OutputExistsError, \
+        HealDiverged
+
+
+def print_error(message: str) -> None:
+    """`error: ...` on stderr, the message printed literally (a [a, b] in it is text, not markup)."""
+    Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(message))
+
+
+def main(argv: list[str] | None = None) -> int:
+    # expand needs transformers only for configs and tokenizers; its advice to install PyTorch is noise here
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except user_errors() as e:
+        print_error(str(e))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from expand.cli import main
+
+sys.exit(main())

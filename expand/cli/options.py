@@ -1,0 +1,167 @@
+"""What the verbs share: option groups with their help, the help formatter, and turning options into the
+library's inputs (dtypes, depth plans, token batches, models placed on a mesh)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import jax.numpy as jnp
+
+from expand import io
+
+DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
+          "fp16": jnp.float16, "float16": jnp.float16, "fp64": jnp.float64, "float64": jnp.float64}
+
+LAYER_SPEC_HELP = """\
+layer specs (--layer-spec): comma-separated items, each a layer `i`, a range `start:stop` or
+`start:stop:step`, with Python's slice rules:
+  stop is exclusive          0:8 is layers 0..7; 0-24 is not a range (write 0:25)
+  open ends                  :8 is 0:8, 20: is 20 to the last layer
+  negative numbers           count from the end: -8: is the last 8 layers, -1 the last layer
+  a negative step            reverses: 7:3:-1 is 7, 6, 5, 4
+  all                        every layer once
+Items are concatenated: on 30 layers 0:20,10:30 is 40 slots (layers 10-19 run twice).
+A spec starting with `-` works as written: --layer-spec -8: (no `=` needed)."""
+
+SWEEP_HELP = """\
+sweeps (--sweep), on a model of N layers:
+  delete-one          N variants: layer i removed
+  duplicate-one       N variants: layer i run twice in a row
+  delete-block:n      N-n+1 variants: layers i..i+n-1 removed
+  window:W:S          self-merges of windows of width W at stride S ([0,W), [S,S+W), ..., the last ending
+                      at N); W and S may be comma lists: window:10,15:5 is widths 10 and 15 at stride 5
+  swap-adjacent       N-1 variants: layers i and i+1 swapped
+  prune-greedy[:T]    remove the layer whose removal raises KL to the base least, repeat down to T layers
+                      (default N//2)
+  prune-bi[:T]        remove layers in increasing Block Influence order down to T layers (default N//2)
+  specs:FILE          one layer spec per line (# comments)"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends '(default: X)' to every option that has a real default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def verb(verbs, name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return verbs.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=HelpFormatter)
+
+
+# ---- option groups ------------------------------------------------------------------------------------
+
+
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """Options that describe a depth plan (`depth_plan` reads them)."""
+    p.add_argument("--layer-spec", metavar="SPEC", help="the stored layer each slot of the new model runs, e.g. "
+                   "0:20,10:30 or -8: (syntax below)")
+    p.add_argument("--recipe", metavar="YAML", help="a mergekit passthrough recipe; its models are read from the "
+                   "recipe (MODEL names the one whose config and tokenizer lead; a single-model recipe applies to "
+                   "MODEL)")
+    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS",
+                   help="LLaMA-Pro block expansion to NEW_LAYERS layers: an identity copy after every group")
+    p.add_argument("--identity", metavar="duplicates|SLOTS",
+                   help="make these slots identity blocks (o_proj and down_proj scaled to 0): 'duplicates' (every "
+                        "slot whose layer already ran) or comma-separated slot numbers")
+
+
+def add_mesh_options(p: argparse.ArgumentParser) -> None:
+    """Options of every verb that runs the model: where its weights live."""
+    p.add_argument("--mesh", metavar="AXES", help="shard the weights over a device mesh, e.g. fsdp=8 or "
+                   "data=2,fsdp=4 (default: one device)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="several processes: process 0's address "
+                   "(jax.distributed)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="several processes: how many")
+    p.add_argument("--process-id", type=int, metavar="I", help="several processes: this one's index, 0..N-1")
+
+
+def add_eval_options(p: argparse.ArgumentParser, seq_len: int = 512, num_sequences: int | None = 4) -> None:
+    """Options of every verb that evaluates on a token batch."""
+    p.add_argument("--text", nargs="+", metavar="FILE", help="text files, or a text shipped with expand: "
+                   "expand-docs (the default, about 11k tokens) or python-reference (about 110k tokens)")
+    p.add_argument("--random-tokens", action="store_true", help="use uniformly random tokens instead of text")
+    p.add_argument("--seq-len", type=int, default=seq_len, metavar="T", help="tokens per sequence")
+    p.add_argument("--num-sequences", type=int, default=num_sequences, metavar="B",
+                   help="sequences (consecutive windows of the text)" +
+                        (" (default: every full window)" if num_sequences is None else ""))
+
+
+def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
+    """Options of every verb that writes a checkpoint directory."""
+    p.add_argument("--dtype", choices=sorted(DTYPES), metavar="DTYPE", help=dtype_help)
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest safetensors file, e.g. 5GB, "
+                   "500MB")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (never an input)")
+
+
+# ---- from options to inputs ---------------------------------------------------------------------------
+
+
+def parse_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes 'duplicates' or comma-separated slot numbers, got {text!r}") from None
+
+
+def depth_plan(config, args, required: bool = True):
+    """The LayerPlan the options ask for (--layer-spec, --recipe or --llama-pro, then --identity), or None
+    when none is given and `required` is False."""
+    from expand.surgery.request import plan_from_options
+
+    return plan_from_options(config, layer_spec=args.layer_spec, recipe=args.recipe, llama_pro=args.llama_pro,
+                             identity=args.identity, required=required)
+
+
+def load_on_mesh(path, args, dtype=jnp.float32):
+    """io.load, with each tensor placed straight into its shards when --mesh is given (after
+    jax.distributed.initialize when --coordinator is)."""
+    if not args.mesh:
+        return io.load(path, dtype=dtype)
+    from expand.sharding import initialize_distributed, make_mesh, parse_mesh, placement
+
+    if args.coordinator or args.num_processes is not None:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    mesh = make_mesh(parse_mesh(args.mesh))
+    return io.load(path, dtype=dtype, placement=placement(io.read_config(path), mesh))
+
+
+def eval_tokens(model, args):
+    """The (sequences, length) eval batch of a verb with --text / --random-tokens / --seq-len /
+    --num-sequences."""
+    from expand.text import random_batch, read_texts, token_batch
+
+    if args.random_tokens:
+        return random_batch(model.config.vocab_size, args.seq_len, args.num_sequences or 4)
+    return token_batch(model, read_texts(args.text) if args.text else None, args.seq_len, args.num_sequences)
+
+
+# ---- argv --------------------------------------------------------------------------------------------
+
+SPEC_OPTIONS = ("--layer-spec", "--identity")
+_LOOKS_LIKE_SPEC = re.compile(r"^-[\d:]")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--layer-spec -8:` -> `--layer-spec=-8:`: argparse takes a value starting with '-' for an option
+    unless it is a plain negative number, so a spec like -8: or -4:-1 would be refused as written."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in SPEC_OPTIONS and i + 1 < len(argv) and _LOOKS_LIKE_SPEC.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out

@@ -1,0 +1,174 @@
+"""Verbs that write a new checkpoint by surgery, streamed tensor by tensor: `depth`, `widen`, and `grow`
+(a depth plan and a widening in one pass)."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from expand import io
+from expand.cli.options import (LAYER_SPEC_HELP, add_output_options, add_plan_options, depth_plan, parse_dtype,
+                                verb)
+from expand.config import Config
+from expand.params import param_count
+from expand.report import console, format_config_float
+
+SIZE_OPTIONS = {"hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+                "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+# Fields of a --like target that widening does not change: they must agree with the model, or are kept and named.
+MUST_AGREE = ("head_dim", "vocab_size")
+KEPT = ("rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
+        "bos_token_id", "eos_token_id")
+
+MODES_HELP = """\
+modes (--mode):
+  exact         the same function: new residual coordinates are zero (writers zero in new rows), old
+                outputs never read new heads or MLP units, every RMSNorm gain x sqrt(d/d') and rms_norm_eps
+                x d/d' (for [x, 0] the mean square over d' is d/d' times that over d); donor or fill values
+                go into the readers (q/k/v/gate/up, lm_head), so the new width trains from the first step
+  frankenllama  the published Llama-2-13B -> 22B recipe: block-diagonal (block-triangular with
+                --triangular) donor blocks, norms extended with donor values, final norm all ones; not the
+                same function (RMSNorm now averages over d' coordinates)
+  zero-norm     the article's stated intent: as frankenllama, norm gains zero on the new coordinates; still
+                not the same function
+  duplicate     integer-factor widening (HyperCloning): every axis tiled k times, input copies divided by k;
+                the same function; --noise breaks the copies' symmetry and stays exact"""
+
+
+def width_request(config: Config, args, depth_layers: int) -> dict:
+    """Target sizes from --like (another config) and the explicit size options, which win. A --like target
+    must agree on head_dim, vocabulary and (unless --width-only) depth: widening changes only widths."""
+    sizes: dict = {}
+    if args.like:
+        like = io.read_config(args.like)
+        for field in MUST_AGREE:
+            if getattr(like, field) != getattr(config, field):
+                raise ValueError(f"--like {args.like} has {field} {getattr(like, field)}, the model "
+                                 f"{getattr(config, field)}: widening keeps {field} (heads keep their size; "
+                                 "token rows keep their meaning); choose a target with the same value")
+        if like.num_hidden_layers != depth_layers and not args.width_only:
+            raise ValueError(f"--like {args.like} has {like.num_hidden_layers} layers and the result would have "
+                             f"{depth_layers}: widening does not change depth. Add a depth plan with "
+                             f"{like.num_hidden_layers} slots (`expand grow ... --layer-spec SPEC --like ...`), "
+                             "or pass --width-only to take only its widths")
+        sizes = {field: getattr(like, field) for field in SIZE_OPTIONS.values()}
+    for option, field in SIZE_OPTIONS.items():
+        if getattr(args, option) is not None:
+            sizes[field] = getattr(args, option)
+    if not sizes:
+        raise ValueError("give the target sizes: --like CONFIG_OR_MODEL and/or --hidden-size, --num-heads, "
+                         "--num-kv-heads, --intermediate-size")
+    return sizes
+
+
+def unrequested_changes(config: Config, new: Config, args) -> list[str]:
+    """What the widening changes, or keeps against a --like target, that the user did not ask for."""
+    notes = []
+    if new.rms_norm_eps != config.rms_norm_eps:
+        notes.append(f"rms_norm_eps {format_config_float(config.rms_norm_eps)} -> "
+                     f"{format_config_float(new.rms_norm_eps)}: exact mode multiplies it by d/d' = "
+                     f"{config.hidden_size}/{new.hidden_size} (and every norm gain by sqrt(d/d')), so that RMSNorm "
+                     "of [x, 0] over d' coordinates equals RMSNorm of x over d")
+    if args.like:
+        like = io.read_config(args.like)
+        for field in KEPT:
+            if getattr(like, field) != getattr(config, field):
+                notes.append(f"{field} stays {getattr(config, field)!r} (--like {args.like} has "
+                             f"{getattr(like, field)!r}): widening changes sizes only")
+    return notes
+
+
+def print_width_table(title: str, config: Config, new: Config) -> None:
+    from expand.show import human_count
+
+    table = Table(title=Text(title))
+    for column in ("", "base", "widened"):
+        table.add_column(column)
+    for label, field in [("hidden size", "hidden_size"), ("attention heads", "num_attention_heads"),
+                         ("kv heads", "num_key_value_heads"), ("intermediate size", "intermediate_size"),
+                         ("head_dim", "head_dim"), ("layers", "num_hidden_layers")]:
+        table.add_row(label, str(getattr(config, field)), str(getattr(new, field)))
+    table.add_row("rms_norm_eps", format_config_float(config.rms_norm_eps), format_config_float(new.rms_norm_eps))
+    before, after = param_count(config), param_count(new)
+    table.add_row("parameters", f"{before:,} ({human_count(before)})", f"{after:,} ({human_count(after)})")
+    console.print(table)
+
+
+def cmd_depth(args) -> int:
+    from expand.surgery.depth import depth_to_disk
+
+    config = io.read_config(args.model)
+    plan = depth_plan(config, args)
+    out = depth_to_disk(args.model, args.out, plan, dtype=parse_dtype(args.dtype) if args.dtype else None,
+                        max_shard_size=args.max_shard_size, overwrite=args.force)
+    console.print(Text(f"wrote {out}: {plan.num_layers} layers ({plan.layer_map()}), "
+                       f"{param_count(config, plan.layer_ids):,} parameters"))
+    return 0
+
+
+def width_options(args) -> dict:
+    return dict(mode=args.mode, fill=args.fill, triangular=args.triangular, noise=args.noise, seed=args.seed,
+                donor_layers=args.donor_layers)
+
+
+def cmd_widen(args) -> int:
+    from expand.surgery.width import widen_to_disk, width_plan
+
+    config = io.read_config(args.model)
+    donor = io.read_config(args.donor) if args.donor else None
+    sizes = width_request(config, args, config.num_hidden_layers)
+    plan = width_plan(config, donor=donor, **sizes, **width_options(args))
+    print_width_table(f"{args.model} widened ({args.mode})", config, plan.config)
+    for note in unrequested_changes(config, plan.config, args):
+        console.print(Text(f"note: {note}"))
+    if args.dry_run:
+        return 0
+    if args.out is None:
+        raise ValueError("give OUT (or --dry-run to see the shapes only)")
+    widen_to_disk(args.model, args.out, donor=args.donor, dtype=parse_dtype(args.dtype) if args.dtype else None,
+                  max_shard_size=args.max_shard_size, overwrite=args.force, **sizes, **width_options(args))
+    console.print(Text(f"wrote {args.out}"))
+    return 0
+
+
+def add_width_options(p) -> None:
+    p.add_argument("--like", metavar="CONFIG", help="take every size from this model or config directory "
+                   "(hidden, heads, kv heads, MLP; head_dim, vocabulary and depth must agree)")
+    p.add_argument("--width-only", action="store_true", help="with --like: take only its widths when its depth "
+                   "differs")
+    p.add_argument("--hidden-size", type=int, metavar="D", help="new hidden size (wins over --like)")
+    p.add_argument("--num-heads", type=int, metavar="N", help="new number of query heads (head_dim is kept)")
+    p.add_argument("--num-kv-heads", type=int, metavar="M", help="new number of kv heads")
+    p.add_argument("--intermediate-size", type=int, metavar="F", help="new MLP width")
+    p.add_argument("--donor", metavar="MODEL", help="a wider model of the same family whose weights fill the new "
+                   "blocks (cropped to the target sizes)")
+    p.add_argument("--donor-layers", metavar="proportional", help="donor layer for base layer l: the same l "
+                   "(equal depths) or 'proportional' (floor(l * L_donor / L))")
+    p.add_argument("--mode", default="exact", choices=("exact", "frankenllama", "zero-norm", "duplicate"),
+                   help="how the new blocks and the norms are set (below)")
+    p.add_argument("--triangular", action="store_true", help="frankenllama/zero-norm: new rows also read the old "
+                   "inputs (block-triangular instead of block-diagonal)")
+    p.add_argument("--fill", default="random", choices=("random", "zeros"), help="new values without a donor: "
+                   "normal with each base tensor's std, or zeros")
+    p.add_argument("--noise", type=float, default=0.0, help="duplicate mode: relative std of zero-sum noise over "
+                   "the input copies (keeps the function exact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random fill and noise")
+
+
+def register(verbs) -> None:
+    p = verb(verbs, "depth", "duplicate, delete or reorder layers into a new checkpoint (streamed)", LAYER_SPEC_HELP)
+    p.add_argument("model", help="the source model (HF directory, .gguf, orbax, 'smollm2'); for a multi-model "
+                   "recipe, the one whose config and tokenizer lead")
+    p.add_argument("out", help="the directory to write")
+    add_plan_options(p)
+    add_output_options(p, "output dtype (default: the recipe's, else the source's)")
+    p.set_defaults(run=cmd_depth)
+
+    p = verb(verbs, "widen", "grow hidden size, heads and MLP width into a new checkpoint (streamed; exact by "
+             "default)", MODES_HELP)
+    p.add_argument("model", help="the source model")
+    p.add_argument("out", nargs="?", help="the directory to write (not needed with --dry-run)")
+    add_width_options(p)
+    p.add_argument("--dry-run", action="store_true", help="print the shapes and parameter counts; write nothing")
+    add_output_options(p, "output dtype (default: the source's)")
+    p.set_defaults(run=cmd_widen)
