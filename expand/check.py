@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
