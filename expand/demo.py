@@ -25,7 +25,7 @@ WIDTH_360M = dict(hidden_size=960, num_attention_heads=15, num_key_value_heads=5
 def variants(base):
     """(name, candidate) pairs; candidates are LayerPlans (virtual) or widened Models."""
     from expand.surgery.plan import llama_pro_plan, plan_from_layer_spec
-    from expand.surgery.width import widen_model
+    from expand.surgery.grow import widen_model
 
     n = base.config.num_hidden_layers
     yield "identity duplicates (LLaMA-Pro 30->36)", lambda: llama_pro_plan(n, n + n // 5)

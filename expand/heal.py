@@ -47,7 +47,7 @@ from expand.model import forward
 from expand.numerics import kl_divergence, next_token_nll
 from expand.params import BRANCH_OUTPUTS, Params
 from expand.provenance import Provenance
-from expand.surgery.depth import apply_depth
+from expand.surgery.grow import apply_depth
 from expand.surgery.layerspec import parse_layer_spec
 from expand.surgery.plan import LayerPlan, Slot, with_slot_scale
 

@@ -6,8 +6,16 @@ without the layer index: `model.layers.7.self_attn.q_proj.weight` is row 7 of th
 weights and lets mergekit-style filters match the names users already write.)
 
 Each row of `TABLE` names the logical axes of our layout and of HF's `(rows=outputs, columns=inputs)`
-layout. From that one description follow: the HF conversion (reshape, then transpose by axis name), shape
-validation, parameter counts, which axes a tensor reads and writes (width growth), and sharding rules.
+layout, and the tensor's role in the residual stream. From that one description follow: the HF conversion
+(reshape, then transpose by axis name), shape validation, parameter counts, sharding rules (by logical
+axis), which axes a tensor reads and writes (width growth), and which tensors write the residual stream
+(identity blocks and gates scale them, exact widening zeroes their new rows).
+
+Roles:
+    writes     adds to the residual stream: embed_tokens (the stream starts as its row), o_proj and
+               down_proj (and their biases)
+    reads      reads the (normed) residual stream: q/k/v, gate/up (and their biases), lm_head
+    norm       an RMSNorm gain over the residual stream
 
 Logical axes and their sizes:
     vocab      vocab_size
@@ -44,7 +52,23 @@ class TensorSpec:
     hf_out: tuple[str, ...]
     hf_in: tuple[str, ...]
     stacked: bool
+    role: str
     present: Callable[[Config], bool] = lambda c: True
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The axes this tensor produces. HF's rows, except for the embedding: a lookup indexed by token
+        (its rows) whose output is a residual-stream row (its columns)."""
+        return self.hf_in if self.is_lookup else self.hf_out
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The axes this tensor consumes (empty for norm gains and biases)."""
+        return self.hf_out if self.is_lookup else self.hf_in
+
+    @property
+    def is_lookup(self) -> bool:
+        return self.name == "embed_tokens.weight"
 
     @property
     def full_axes(self) -> tuple[str, ...]:
@@ -78,43 +102,40 @@ class TensorSpec:
         return array.transpose([self.axes.index(a) for a in hf_axes]).reshape(self.hf_shape(config))
 
 
-def _row(name, axes, hf_out, hf_in=(), present=lambda c: True) -> TensorSpec:
-    return TensorSpec(name, axes, hf_out, hf_in, name.startswith("layers."), present)
+def _row(name, axes, role, hf_out, hf_in=(), present=lambda c: True) -> TensorSpec:
+    return TensorSpec(name, axes, hf_out, hf_in, name.startswith("layers."), role, present)
 
 
 _attn_bias = lambda c: c.attention_bias  # noqa: E731
 _mlp_bias = lambda c: c.mlp_bias  # noqa: E731
 
+WRITES, READS, NORM = "writes", "reads", "norm"
+
 TABLE: tuple[TensorSpec, ...] = (
-    _row("embed_tokens.weight", ("vocab", "embed"), ("vocab",), ("embed",)),
-    _row("layers.input_layernorm.weight", ("embed",), ("embed",)),
-    _row("layers.self_attn.q_proj.weight", ("embed", "q_heads", "head_dim"), ("q_heads", "head_dim"), ("embed",)),
-    _row("layers.self_attn.q_proj.bias", ("q_heads", "head_dim"), ("q_heads", "head_dim"), (), _attn_bias),
-    _row("layers.self_attn.k_proj.weight", ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), ("embed",)),
-    _row("layers.self_attn.k_proj.bias", ("kv_heads", "head_dim"), ("kv_heads", "head_dim"), (), _attn_bias),
-    _row("layers.self_attn.v_proj.weight", ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), ("embed",)),
-    _row("layers.self_attn.v_proj.bias", ("kv_heads", "head_dim"), ("kv_heads", "head_dim"), (), _attn_bias),
-    _row("layers.self_attn.o_proj.weight", ("q_heads", "head_dim", "embed"), ("embed",), ("q_heads", "head_dim")),
-    _row("layers.self_attn.o_proj.bias", ("embed",), ("embed",), (), _attn_bias),
-    _row("layers.post_attention_layernorm.weight", ("embed",), ("embed",)),
-    _row("layers.mlp.gate_proj.weight", ("embed", "mlp"), ("mlp",), ("embed",)),
-    _row("layers.mlp.gate_proj.bias", ("mlp",), ("mlp",), (), _mlp_bias),
-    _row("layers.mlp.up_proj.weight", ("embed", "mlp"), ("mlp",), ("embed",)),
-    _row("layers.mlp.up_proj.bias", ("mlp",), ("mlp",), (), _mlp_bias),
-    _row("layers.mlp.down_proj.weight", ("mlp", "embed"), ("embed",), ("mlp",)),
-    _row("layers.mlp.down_proj.bias", ("embed",), ("embed",), (), _mlp_bias),
-    _row("norm.weight", ("embed",), ("embed",)),
-    _row("lm_head.weight", ("embed", "vocab"), ("vocab",), ("embed",), lambda c: not c.tie_word_embeddings),
+    _row("embed_tokens.weight", ("vocab", "embed"), WRITES, ("vocab",), ("embed",)),
+    _row("layers.input_layernorm.weight", ("embed",), NORM, ("embed",)),
+    _row("layers.self_attn.q_proj.weight", ("embed", "q_heads", "head_dim"), READS, ("q_heads", "head_dim"), ("embed",)),
+    _row("layers.self_attn.q_proj.bias", ("q_heads", "head_dim"), READS, ("q_heads", "head_dim"), (), _attn_bias),
+    _row("layers.self_attn.k_proj.weight", ("embed", "kv_heads", "head_dim"), READS, ("kv_heads", "head_dim"), ("embed",)),
+    _row("layers.self_attn.k_proj.bias", ("kv_heads", "head_dim"), READS, ("kv_heads", "head_dim"), (), _attn_bias),
+    _row("layers.self_attn.v_proj.weight", ("embed", "kv_heads", "head_dim"), READS, ("kv_heads", "head_dim"), ("embed",)),
+    _row("layers.self_attn.v_proj.bias", ("kv_heads", "head_dim"), READS, ("kv_heads", "head_dim"), (), _attn_bias),
+    _row("layers.self_attn.o_proj.weight", ("q_heads", "head_dim", "embed"), WRITES, ("embed",), ("q_heads", "head_dim")),
+    _row("layers.self_attn.o_proj.bias", ("embed",), WRITES, ("embed",), (), _attn_bias),
+    _row("layers.post_attention_layernorm.weight", ("embed",), NORM, ("embed",)),
+    _row("layers.mlp.gate_proj.weight", ("embed", "mlp"), READS, ("mlp",), ("embed",)),
+    _row("layers.mlp.gate_proj.bias", ("mlp",), READS, ("mlp",), (), _mlp_bias),
+    _row("layers.mlp.up_proj.weight", ("embed", "mlp"), READS, ("mlp",), ("embed",)),
+    _row("layers.mlp.up_proj.bias", ("mlp",), READS, ("mlp",), (), _mlp_bias),
+    _row("layers.mlp.down_proj.weight", ("mlp", "embed"), WRITES, ("embed",), ("mlp",)),
+    _row("layers.mlp.down_proj.bias", ("embed",), WRITES, ("embed",), (), _mlp_bias),
+    _row("norm.weight", ("embed",), NORM, ("embed",)),
+    _row("lm_head.weight", ("embed", "vocab"), READS, ("vocab",), ("embed",), lambda c: not c.tie_word_embeddings),
 )
 
-# The tensors that write into the residual stream from a layer's two branches (gates and identity
-# initialisation scale these).
-BRANCH_OUTPUTS = (
-    "layers.self_attn.o_proj.weight",
-    "layers.self_attn.o_proj.bias",
-    "layers.mlp.down_proj.weight",
-    "layers.mlp.down_proj.bias",
-)
+# The layer tensors that write into the residual stream from a block's two branches: an identity block
+# scales them by 0, a residual gate multiplies them.
+BRANCH_OUTPUTS = tuple(spec.name for spec in TABLE if spec.stacked and spec.role == WRITES)
 
 
 def axis_sizes(config: Config, num_layers: int | None = None) -> dict[str, int]:

@@ -11,7 +11,7 @@ import pytest
 import expand
 from expand.check import check, run_base
 from expand.cli import main
-from expand.surgery.width import widen_model
+from expand.surgery.grow import widen_model
 from tests.conftest import make_hf_checkpoint, random_tokens
 
 

@@ -94,16 +94,23 @@ def print_width_table(title: str, config: Config, new: Config) -> None:
     console.print(table)
 
 
-def cmd_depth(args) -> int:
-    from expand.surgery.depth import depth_to_disk
-
-    config = io.read_config(args.model)
-    plan = depth_plan(config, args)
-    out = depth_to_disk(args.model, args.out, plan, dtype=parse_dtype(args.dtype) if args.dtype else None,
-                        max_shard_size=args.max_shard_size, overwrite=args.force)
-    console.print(Text(f"wrote {out}: {plan.num_layers} layers ({plan.layer_map()}), "
-                       f"{param_count(config, plan.layer_ids):,} parameters"))
-    return 0
+def recipe_paths(plan, model) -> dict[str, str]:
+    """Where each model of a multi-model recipe is, by the recipe's names (each must be a local model); MODEL
+    must be one of them: the one whose config, tokenizer and provenance lead."""
+    if plan is None or not plan.models:
+        return {}
+    paths = {}
+    for name in plan.models:
+        try:
+            paths[name] = io.resolve(name)
+        except FileNotFoundError:
+            raise ValueError(f"recipe model {name!r} is not a local model (a path or an embedded name): fix its "
+                             "path in the recipe") from None
+    lead = io.resolve(model).resolve()
+    if not any(path.resolve() == lead for path in paths.values()):
+        raise ValueError(f"{model} is not one of the recipe's models ({', '.join(plan.models)}): give as MODEL the "
+                         "one whose config and tokenizer the output should carry")
+    return {name: str(path) for name, path in paths.items()}
 
 
 def width_options(args) -> dict:
@@ -111,23 +118,43 @@ def width_options(args) -> dict:
                 donor_layers=args.donor_layers)
 
 
-def cmd_widen(args) -> int:
-    from expand.surgery.width import widen_to_disk, width_plan
+def asks_for_width(args) -> bool:
+    return args.like is not None or any(getattr(args, option) is not None for option in SIZE_OPTIONS)
+
+
+def cmd_surgery(args) -> int:
+    """depth, widen and grow: a depth plan (depth, grow), then a widening (widen, grow), in one streamed pass."""
+    from expand.surgery.grow import grow_to_disk
+    from expand.surgery.width import width_plan
 
     config = io.read_config(args.model)
-    donor = io.read_config(args.donor) if args.donor else None
-    sizes = width_request(config, args, config.num_hidden_layers)
-    plan = width_plan(config, donor=donor, **sizes, **width_options(args))
-    print_width_table(f"{args.model} widened ({args.mode})", config, plan.config)
-    for note in unrequested_changes(config, plan.config, args):
-        console.print(Text(f"note: {note}"))
-    if args.dry_run:
+    plan = depth_plan(config, args, required=args.verb == "depth") if args.verb != "widen" else None
+    widening = args.verb == "widen" or (args.verb == "grow" and asks_for_width(args))
+    if args.verb == "grow" and plan is None and not widening:
+        raise ValueError("give a depth plan (--layer-spec, --recipe, --llama-pro), target sizes (--like, "
+                         "--hidden-size, ...), or both")
+    deep = config if plan is None else config.replace(num_hidden_layers=plan.num_layers)
+    request = {}
+    if widening:
+        request = {**width_request(deep, args, deep.num_hidden_layers), **width_options(args)}
+        donor = io.read_config(args.donor) if args.donor else None
+        new = width_plan(deep, donor=donor, **request).config
+        print_width_table(f"{args.model} {'grown' if plan else 'widened'} ({args.mode})", config, new)
+        for note in unrequested_changes(deep, new, args):
+            console.print(Text(f"note: {note}"))
+    elif getattr(args, "donor", None) is not None:
+        raise ValueError("--donor fills a widening's new blocks: give target sizes too (--like, --hidden-size, ...)")
+    if getattr(args, "dry_run", False):
         return 0
     if args.out is None:
         raise ValueError("give OUT (or --dry-run to see the shapes only)")
-    widen_to_disk(args.model, args.out, donor=args.donor, dtype=parse_dtype(args.dtype) if args.dtype else None,
-                  max_shard_size=args.max_shard_size, overwrite=args.force, **sizes, **width_options(args))
-    console.print(Text(f"wrote {args.out}"))
+    out = grow_to_disk(args.model, args.out, plan=plan, models=recipe_paths(plan, args.model),
+                       donor=getattr(args, "donor", None),
+                       dtype=parse_dtype(args.dtype) if args.dtype else None, max_shard_size=args.max_shard_size,
+                       overwrite=args.force, **request)
+    written = io.read_config(out)
+    layers = f"{written.num_hidden_layers} layers" + (f" ({plan.layer_map()})" if plan else "")
+    console.print(Text(f"wrote {out}: {layers}, hidden {written.hidden_size}, {param_count(written):,} parameters"))
     return 0
 
 
@@ -135,7 +162,7 @@ def add_width_options(p) -> None:
     p.add_argument("--like", metavar="CONFIG", help="take every size from this model or config directory "
                    "(hidden, heads, kv heads, MLP; head_dim, vocabulary and depth must agree)")
     p.add_argument("--width-only", action="store_true", help="with --like: take only its widths when its depth "
-                   "differs")
+                   "differs from the result's")
     p.add_argument("--hidden-size", type=int, metavar="D", help="new hidden size (wins over --like)")
     p.add_argument("--num-heads", type=int, metavar="N", help="new number of query heads (head_dim is kept)")
     p.add_argument("--num-kv-heads", type=int, metavar="M", help="new number of kv heads")
@@ -155,20 +182,31 @@ def add_width_options(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random fill and noise")
 
 
+def add_model_out(p, out_help: str = "the directory to write") -> None:
+    p.add_argument("model", help="the source model (HF directory, .gguf, 'smollm2'); for a multi-model recipe, "
+                   "the recipe model whose config and tokenizer lead")
+    p.add_argument("out", nargs="?", help=out_help + " (not needed with --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="print the shapes and parameter counts; write nothing")
+
+
 def register(verbs) -> None:
     p = verb(verbs, "depth", "duplicate, delete or reorder layers into a new checkpoint (streamed)", LAYER_SPEC_HELP)
-    p.add_argument("model", help="the source model (HF directory, .gguf, orbax, 'smollm2'); for a multi-model "
-                   "recipe, the one whose config and tokenizer lead")
-    p.add_argument("out", help="the directory to write")
+    add_model_out(p)
     add_plan_options(p)
     add_output_options(p, "output dtype (default: the recipe's, else the source's)")
-    p.set_defaults(run=cmd_depth)
+    p.set_defaults(run=cmd_surgery)
 
     p = verb(verbs, "widen", "grow hidden size, heads and MLP width into a new checkpoint (streamed; exact by "
              "default)", MODES_HELP)
-    p.add_argument("model", help="the source model")
-    p.add_argument("out", nargs="?", help="the directory to write (not needed with --dry-run)")
+    add_model_out(p)
     add_width_options(p)
-    p.add_argument("--dry-run", action="store_true", help="print the shapes and parameter counts; write nothing")
     add_output_options(p, "output dtype (default: the source's)")
-    p.set_defaults(run=cmd_widen)
+    p.set_defaults(run=cmd_surgery)
+
+    p = verb(verbs, "grow", "a depth plan and then a widening of its result, in one streamed pass",
+             LAYER_SPEC_HELP + "\n\n" + MODES_HELP)
+    add_model_out(p)
+    add_plan_options(p)
+    add_width_options(p)
+    add_output_options(p, "output dtype (default: the recipe's, else the source's)")
+    p.set_defaults(run=cmd_surgery)

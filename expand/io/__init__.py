@@ -8,6 +8,7 @@ checkpoint is ever held in RAM twice and sharded loads place every shard directl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -32,7 +33,8 @@ from expand.progress import progress_bar
 from expand.provenance import Provenance
 
 __all__ = [
-    "CheckpointError", "load", "save", "resolve", "load_tokenizer", "open_source", "read_config",
+    "Checkpoint", "CheckpointError", "load", "save", "resolve", "load_tokenizer", "open_checkpoint", "open_source",
+    "read_config",
     "refuse_existing", "refuse_same_path", "dtype_name", "source_dtype", "validate_source", "write_metadata",
 ]
 
@@ -75,6 +77,36 @@ def open_source(path: Path):
         source = GGUFSource(path)
         return source, source.hf_config()
     return SafetensorsSource(path), json.loads((path / "config.json").read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """An opened checkpoint on disk: its path, config, lazily read HF-layout tensors (checked against the
+    config) and provenance; `name` is how the user named it (a path or an embedded name)."""
+
+    name: str
+    path: Path
+    config: Config
+    source: object
+    provenance: Provenance
+
+    def read(self, spec: TensorSpec, layer: int | None) -> np.ndarray:
+        """One tensor in expand's per-layer layout (a view of the stored array where the layout allows)."""
+        return spec.from_hf(self.source.read(spec.hf_name(layer)), self.config)
+
+
+def open_checkpoint(model: str | Path) -> Checkpoint:
+    """Resolve a model argument and open it for reading tensor by tensor (HF safetensors or GGUF)."""
+    path = resolve(model)
+    if _kind(path) == "orbax":
+        raise CheckpointError(f"{path} is an orbax checkpoint, which is read whole, not tensor by tensor: "
+                              f"convert it first (expand convert {path} OUT)")
+    source, hf_config = open_source(path)
+    config = Config.from_hf(hf_config)
+    validate_source(config, source)
+    name = str(model) if str(model) in EMBEDDED else str(path)
+    provenance = (Provenance.read(path) if path.is_dir() else None) or Provenance.identity(config, name)
+    return Checkpoint(name, path, config, source, provenance)
 
 
 def read_config(model: str | Path) -> Config:
@@ -142,8 +174,8 @@ def _single_device(spec: TensorSpec, shape) -> jax.sharding.Sharding:
 
 def params_from_source(config: Config, source, dtype=jnp.float32, placement: Placement | None = None,
                        description: str = "loading") -> Params:
-    """Build every param array from an HF-layout tensor source, one tensor (or device shard) at a time."""
-    validate_source(config, source)
+    """Build every param array from an HF-layout tensor source (checked by `validate_source`), one tensor
+    (or device shard) at a time."""
     placement = placement or _single_device
     np_dtype = np.dtype(dtype)
     params: Params = {}
@@ -165,23 +197,27 @@ def params_from_source(config: Config, source, dtype=jnp.float32, placement: Pla
     return params
 
 
-def load(model: str | Path, dtype=jnp.float32, placement: Placement | None = None) -> Model:
+def load(model: str | Path, dtype=jnp.float32, placement: Placement | None = None, nnx: bool = False):
     """Load an HF directory, a .gguf file, an orbax directory written by `save`, or an embedded model
-    ('smollm2'). Returns a `Model`, which unpacks as `config, params`.
+    ('smollm2'). Returns a `Model`, which unpacks as `config, params`; with nnx=True the Flax NNX view of it
+    (`expand.Llama`: params as `nnx.Param`s, for code written against NNX).
 
     dtype: the param dtype (float32 by default: the reference mode; bfloat16 for speed on accelerators).
     placement: spec, shape -> sharding for each param (see `expand.sharding`); one device by default.
     """
     path = resolve(model)
-    kind = _kind(path)
-    if kind == "orbax":
+    if _kind(path) == "orbax":
         config = Config.from_file(path)
         params = _read_orbax(path, config, dtype, placement or _single_device)
     else:
-        source, hf_config = open_source(path)
-        config = Config.from_hf(hf_config)
-        params = params_from_source(config, source, dtype, placement, f"loading {path.name}")
+        checkpoint = open_checkpoint(model)
+        config = checkpoint.config
+        params = params_from_source(config, checkpoint.source, dtype, placement, f"loading {path.name}")
     source_name = str(model) if str(model) in EMBEDDED else str(path)
+    if nnx:
+        from expand.nnx_view import Llama
+
+        return Llama(config, params)
     return Model(config, params, source_name, Provenance.read(path) if path.is_dir() else None)
 
 

@@ -41,7 +41,6 @@ import functools
 import math
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -49,19 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config
-from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
-from expand.io.atomic import atomic_dir, refuse_same_path
-from expand.io.safetensors import TensorEntry, parse_size, write_sharded
-from expand.container import Model
 from expand.numerics import accumulation_dtype, scale_rounded
-from expand.params import Params, TensorSpec, axis_sizes, tensor_specs
-from expand.progress import progress_bar
-from expand.provenance import Provenance
+from expand.params import NORM, WRITES, TensorSpec, axis_sizes
 
 MODES = ("exact", "frankenllama", "zero-norm", "duplicate")
 FILLS = ("random", "zeros")
-RESIDUAL_WRITERS = ("embed_tokens.weight", "layers.self_attn.o_proj.weight", "layers.self_attn.o_proj.bias",
-                    "layers.mlp.down_proj.weight", "layers.mlp.down_proj.bias")
+
 
 
 @dataclass(frozen=True)
@@ -112,13 +104,6 @@ def head_maps(n: int, m: int, n2: int, m2: int) -> tuple[AxisMap, AxisMap]:
     return AxisMap(tuple(q)), AxisMap(tuple(kv))
 
 
-def _role(spec: TensorSpec) -> tuple[set[str], set[str]]:
-    """(output axes, input axes) of a tensor; embed_tokens is a lookup that writes the residual."""
-    if spec.name == "embed_tokens.weight":
-        return {"vocab", "embed"}, set()
-    return set(spec.hf_out), set(spec.hf_in)
-
-
 def _take(array: jax.Array, axes: Sequence[str], maps: Mapping[str, AxisMap]) -> jax.Array:
     """Gather every mapped axis through its map (new positions read index 0; they are masked later)."""
     for position, axis in enumerate(axes):
@@ -164,10 +149,9 @@ def grow_tensor(spec: TensorSpec, base: jax.Array, new_values: jax.Array, maps: 
     axes = spec.axes
     gathered = _take(base, axes, maps)
     shape = gathered.shape
-    outputs, inputs = _role(spec)
-    new_out = new_positions(axes, outputs, maps, shape)
-    new_in = new_positions(axes, inputs, maps, shape)
-    if spec.name.endswith("norm.weight"):
+    new_out = new_positions(axes, set(spec.outputs), maps, shape)
+    new_in = new_positions(axes, set(spec.inputs), maps, shape)
+    if spec.role == NORM:
         if mode == "frankenllama" and spec.name == "norm.weight":
             return jnp.ones(shape, base.dtype)
         fresh = jnp.full(shape, jnp.mean(base.astype(accumulation_dtype(base.dtype))), base.dtype) if base_norm_fill else new_values
@@ -176,11 +160,11 @@ def grow_tensor(spec: TensorSpec, base: jax.Array, new_values: jax.Array, maps: 
         return jnp.where(new_out, fresh, old)
     zero = jnp.zeros(shape, base.dtype)
     if mode == "exact":
-        if spec.name in RESIDUAL_WRITERS:
+        if spec.role == WRITES:
             return jnp.where(new_out | new_in, zero, gathered)
         return jnp.where(new_out | new_in, new_values, gathered)
     # frankenllama and zero-norm: [[M, 0], [A, B]], A = 0 unless triangular; new embedding columns zero
-    if spec.name == "embed_tokens.weight":
+    if spec.is_lookup:
         return jnp.where(new_out, zero, gathered)
     lower = jnp.where(new_in, new_values, new_values if triangular else zero)
     return jnp.where(new_out, lower, jnp.where(new_in, zero, gathered))
@@ -193,8 +177,7 @@ def duplicate_tensor(spec: TensorSpec, base: jax.Array, maps: Mapping[str, AxisM
     tiles = _take(base, spec.axes, maps)
     if spec.name == "norm.weight":
         return scale_rounded(tiles, 1.0 / final_norm_factor)
-    _, inputs = _role(spec)
-    grown = [(p, a) for p, a in enumerate(spec.axes) if a in inputs and a in maps]
+    grown = [(p, a) for p, a in enumerate(spec.axes) if a in spec.inputs and a in maps]
     factor = math.prod(maps[a].size // (max(maps[a].source) + 1) for _, a in grown)
     out = tiles.astype(accumulation_dtype(tiles.dtype)) / factor
     if noise and grown:
@@ -212,6 +195,7 @@ def duplicate_tensor(spec: TensorSpec, base: jax.Array, maps: Mapping[str, AxisM
 
 @dataclass(frozen=True)
 class WidthPlan:
+    base: Config            # the config it widens
     config: Config          # the widened config
     maps: dict[str, AxisMap]
     mode: str
@@ -277,7 +261,7 @@ def width_plan(config: Config, *, hidden_size=None, num_attention_heads=None, nu
         check_donor(new_config, donor)
     elif donor_layers is not None:
         raise ValueError("donor_layers was given without a donor")
-    return WidthPlan(new_config, maps, mode, fill, triangular, noise, layers, seed)
+    return WidthPlan(config, new_config, maps, mode, fill, triangular, noise, layers, seed)
 
 
 def donor_layer_map(layers: int, donor_layers_count: int, donor_layers) -> tuple[int, ...]:
@@ -318,49 +302,24 @@ def tensor_key(seed: int, name: str, layer: int | None) -> jax.Array:
     return key if layer is None else jax.random.fold_in(key, layer)
 
 
-def grow_one(plan: WidthPlan, spec: TensorSpec, base: jax.Array, donor: jax.Array | None, layer: int | None,
-             base_config: Config) -> jax.Array:
-    """Grow one per-layer tensor (no layer axis) of `spec` as `plan` says."""
+def grow_one(plan: WidthPlan, spec: TensorSpec, base: jax.Array, donor: jax.Array | None,
+             layer: int | None) -> jax.Array:
+    """Grow one per-layer tensor (no layer axis) of `spec` as `plan` says; `layer` picks the random key."""
     key = tensor_key(plan.seed, spec.name, layer)
     target_shape = tuple(axis_sizes(plan.config)[a] for a in spec.axes)
     if plan.mode == "duplicate":
-        factor = plan.config.hidden_size // base_config.hidden_size if base_config.tie_word_embeddings else 1
+        factor = plan.config.hidden_size // plan.base.hidden_size if plan.base.tie_word_embeddings else 1
         return duplicate_tensor(spec, base, plan.maps, key, plan.noise, factor)
     if donor is not None:
         values = _crop(donor, target_shape, spec.name).astype(base.dtype)
     else:
         values = _fill(base, target_shape, key, plan.fill)
-    norm_scale = math.sqrt(base_config.hidden_size / plan.config.hidden_size) if plan.mode == "exact" else 1.0
+    norm_scale = math.sqrt(plan.base.hidden_size / plan.config.hidden_size) if plan.mode == "exact" else 1.0
     return grow_tensor(spec, base, values, plan.maps, plan.mode, plan.triangular, norm_scale,
                        base_norm_fill=donor is None)
 
 
-def widen(config: Config, params: Params, *, hidden_size=None, num_attention_heads=None, num_key_value_heads=None,
-          intermediate_size=None, donor: tuple[Config, Params] | None = None, mode: str = "exact",
-          fill: str = "random", donor_layers=None, triangular: bool = False, noise: float = 0.0, seed: int = 0
-          ) -> tuple[Config, Params]:
-    """Widen a model (see the module docstring for the math of each mode). Returns (config, params).
-
-    donor: (config, params) of a wider model of the same family; its values go where the mode puts new
-        values, cropped to the target sizes (donor layer donor_layers[l] for base layer l).
-    fill: without a donor, 'random' (normal with each base tensor's std, per layer) or 'zeros'.
-    triangular: frankenllama/zero-norm only: new rows also read the old inputs (A from the donor).
-    noise: duplicate only: relative std of the zero-sum noise over input copies."""
-    plan = width_plan(config, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-                      num_key_value_heads=num_key_value_heads, intermediate_size=intermediate_size,
-                      donor=None if donor is None else donor[0], mode=mode, fill=fill, donor_layers=donor_layers,
-                      triangular=triangular, noise=noise, seed=seed)
-    return plan.config, apply_width(plan, config, params, None if donor is None else donor[1])
-
-
-def widen_model(model: Model, donor: Model | None = None, **sizes_and_options) -> Model:
-    """`widen` on a `Model`, recording the plan (sizes, mode, axis maps) in its provenance."""
-    plan = width_plan(model.config, donor=None if donor is None else donor.config, **sizes_and_options)
-    params = apply_width(plan, model.config, model.params, None if donor is None else donor.params)
-    return Model(plan.config, params, model.source, model.lineage().with_operation(plan.to_json()))
-
-
-def compiled_grower(plan: WidthPlan, base_config: Config) -> Callable[..., jax.Array]:
+def compiled_grower(plan: WidthPlan) -> Callable[..., jax.Array]:
     """grow(spec, base, donor, layer): `grow_one` for this plan, compiled once per tensor spec (the arrays and
     the layer index are traced), so each tensor is one fused XLA computation. Op by op, the widening of
     experiments/bench_scale.py's 3.2B checkpoint held several float32 temporaries of the embedding at once
@@ -369,66 +328,9 @@ def compiled_grower(plan: WidthPlan, base_config: Config) -> Callable[..., jax.A
 
     def grow(spec: TensorSpec, base: jax.Array, donor: jax.Array | None, layer: int | None) -> jax.Array:
         if spec.name not in compiled:
-            compiled[spec.name] = jax.jit(functools.partial(grow_one, plan, spec, base_config=base_config))
+            compiled[spec.name] = jax.jit(functools.partial(grow_one, plan, spec))
         return compiled[spec.name](base, donor, layer)
 
     return grow
 
 
-def apply_width(plan: WidthPlan, config: Config, params: Params, donor_params: Params | None) -> Params:
-    grow = compiled_grower(plan, config)
-    new: Params = {}
-    for spec in tensor_specs(config):
-        base = params[spec.name]
-        if not spec.stacked:
-            donor = None if donor_params is None else donor_params[spec.name]
-            new[spec.name] = grow(spec, base, donor, None)
-            continue
-        layers = []
-        for layer in range(config.num_hidden_layers):
-            donor = None if donor_params is None else donor_params[spec.name][plan.donor_layers[layer]]
-            layers.append(grow(spec, base[layer], donor, layer))
-        new[spec.name] = jnp.stack(layers)
-    return new
-
-
-def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | int = "2GB",
-                  overwrite: bool = False, **sizes_and_options) -> Path:
-    """`widen` from checkpoint to checkpoint, one output tensor (one layer) at a time: each is read from
-    the base (and donor), grown and written before the next is read. Same values as `widen` in memory."""
-    path = resolve(model)
-    refuse_same_path(path, out)
-    source, hf = open_source(path)
-    config = Config.from_hf(hf)
-    validate_source(config, source)
-    donor_source = donor_config = None
-    if donor is not None:
-        donor_source, donor_hf = open_source(resolve(donor))
-        donor_config = Config.from_hf(donor_hf)
-        validate_source(donor_config, donor_source)
-    plan = width_plan(config, donor=donor_config, **sizes_and_options)
-    out_dtype = np.dtype(dtype) if dtype is not None else None
-    grow = compiled_grower(plan, config)
-    jobs = {}
-    for spec in tensor_specs(config):
-        for layer in (range(config.num_hidden_layers) if spec.stacked else [None]):
-            jobs[spec.hf_name(layer)] = (spec, layer)
-
-    def produce(entry: TensorEntry) -> np.ndarray:
-        spec, layer = jobs[entry.name]
-        base = jnp.asarray(spec.from_hf(source.read(spec.hf_name(layer)), config))
-        donor_array = None
-        if donor_source is not None:
-            donor_layer = None if layer is None else plan.donor_layers[layer]
-            donor_array = jnp.asarray(spec.from_hf(donor_source.read(spec.hf_name(donor_layer)), donor_config))
-        grown = grow(spec, base, donor_array, layer)
-        return spec.to_hf(np.asarray(grown), plan.config).astype(entry.dtype, copy=False)
-
-    out_dtype = out_dtype or source_dtype(source)
-    entries = [TensorEntry(name, spec.hf_shape(plan.config), out_dtype) for name, (spec, _) in jobs.items()]
-    provenance = (Provenance.read(path) if path.is_dir() else None) or Provenance.identity(config, str(model))
-    with atomic_dir(out, overwrite) as tmp:
-        with progress_bar(f"widening into {Path(out).name}", total=len(entries)) as advance:
-            write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
-        write_metadata(tmp, plan.config, out_dtype, model, provenance.with_operation(plan.to_json()))
-    return Path(out)

@@ -31,7 +31,7 @@ import numpy as np
 import expand
 from expand.heal import HealOptions, heal
 from expand.model import lm_loss
-from expand.surgery.width import widen_model
+from expand.surgery.grow import widen_model
 from expand.text import python_reference_text, token_batch
 
 HERE = Path(__file__).parent

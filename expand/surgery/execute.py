@@ -1,0 +1,100 @@
+"""Running a `TensorPlan`: in memory on loaded params (`execute`), or streamed from checkpoint to checkpoint
+(`execute_to_disk`, one output tensor at a time, so peak memory is about one tensor whatever the model's
+size). Both compute every output tensor with `compute`, so their results are equal by construction (the
+tests still compare them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from expand.io import Checkpoint, source_dtype, write_metadata
+from expand.io.atomic import atomic_dir, refuse_same_path
+from expand.io.safetensors import TensorEntry, parse_size, write_sharded
+from expand.params import Params, spec_by_name
+from expand.progress import progress_bar
+from expand.surgery.tensorplan import BASE, OutputTensor, Read, TensorPlan
+from expand.surgery.width import compiled_grower
+
+Reader = Callable[[Read], object]  # a stored tensor in expand's per-layer layout (numpy or jax)
+
+
+def compute(out: OutputTensor, read: Reader, grow: Callable | None):
+    """One output tensor by its rule (see `expand.surgery.tensorplan`). A plain copy is returned as read, so
+    streaming an unchanged tensor costs no copy."""
+    from expand.numerics import scale_rounded
+
+    rule = out.rule
+    x = read(rule.source)
+    if rule.cast_in is not None:
+        x = x.astype(jnp.dtype(rule.cast_in))
+    if rule.scale != 1.0:
+        x = scale_rounded(x, rule.scale)
+    if rule.cast_out is not None:
+        x = x.astype(jnp.dtype(rule.cast_out))
+    if rule.grow is not None:
+        donor = None if rule.grow.donor is None else read(rule.grow.donor)
+        x = grow(out.spec, x, donor, rule.grow.layer)
+    return x
+
+
+def execute(plan: TensorPlan, params: Mapping[str, Params]) -> Params:
+    """The plan's params, from the loaded params of every input model it reads (by key: BASE, a recipe
+    model's name, DONOR); stacked tensors are stacked over the output layers."""
+    missing = sorted(set(plan.inputs) - set(params))
+    if missing:
+        raise ValueError(f"the plan reads models {missing}, which were not given")
+    grow = compiled_grower(plan.width) if plan.width is not None else None
+
+    def read(r: Read):
+        array = params[r.model][r.name]
+        return array if r.layer is None else array[r.layer]
+
+    pieces: dict[str, list] = {}
+    for out in plan.outputs:
+        pieces.setdefault(out.name, []).append(compute(out, read, grow))
+    return {name: jnp.stack(arrays) if spec_by_name(name).stacked else jnp.asarray(arrays[0])
+            for name, arrays in pieces.items()}
+
+
+def output_dtype(plan: TensorPlan, lead: Checkpoint) -> np.dtype:
+    """What a plan writes by default: a recipe's out_dtype or dtype, else the leading checkpoint's dtype."""
+    chosen = plan.depth and (plan.depth.out_dtype or plan.depth.dtype)
+    return np.dtype(jnp.dtype(chosen)) if chosen else source_dtype(lead.source)
+
+
+def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out: str | Path, *,
+                    lead: str = BASE, dtype=None, max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
+    """Stream the plan into a new HF directory: each output tensor is read from its checkpoint(s), computed
+    and written before the next is read, into sharded safetensors, written atomically beside `out`.
+
+    checkpoints: every input model the plan reads, opened (`expand.io.open_checkpoint`), by key.
+    lead: the checkpoint whose tokenizer and provenance the output carries (a multi-model recipe's MODEL).
+    dtype: output dtype (default: `output_dtype`)."""
+    missing = sorted(set(plan.inputs) - set(checkpoints))
+    if missing:
+        raise ValueError(f"the plan reads models {missing}, which were not given")
+    for checkpoint in checkpoints.values():
+        refuse_same_path(checkpoint.path, out)
+    grow = compiled_grower(plan.width) if plan.width is not None else None
+    out_dtype = np.dtype(dtype) if dtype is not None else output_dtype(plan, checkpoints[lead])
+    by_name = {o.hf_name: o for o in plan.outputs}
+    entries = [TensorEntry(o.hf_name, o.spec.hf_shape(plan.config), out_dtype) for o in plan.outputs]
+
+    def read(r: Read):
+        return checkpoints[r.model].read(spec_by_name(r.name), r.layer)
+
+    def produce(entry: TensorEntry) -> np.ndarray:
+        o = by_name[entry.name]
+        return o.spec.to_hf(np.asarray(compute(o, read, grow)), plan.config).astype(out_dtype, copy=False)
+
+    leading = checkpoints[lead]
+    with atomic_dir(out, overwrite) as tmp:
+        with progress_bar(f"writing {Path(out).name}", total=len(entries)) as advance:
+            write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
+        write_metadata(tmp, plan.config, out_dtype, leading.name, plan.lineage(leading.provenance))
+    return Path(out)
