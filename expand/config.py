@@ -9,6 +9,7 @@ an unsupported RoPE type, quantized weights), naming the field and what to do ab
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ class Config:
         """Read a transformers config dict (4.x or 5.x spelling); refuse what the model does not implement."""
         model_type = _architecture(d)
         _refuse_unsupported(d)
+        _refuse_unknown_settings(d, model_type)
         heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
         theta, scaling = _rope(d)
@@ -202,6 +204,51 @@ def _refuse_unsupported(d: dict[str, Any]) -> None:
         )
     if d.get("partial_rotary_factor", 1.0) not in (None, 1.0):
         raise ConfigError(f"partial_rotary_factor={d['partial_rotary_factor']} is not implemented (only 1.0)")
+
+
+# Fields of transformers' config classes that expand reads (above) or that do not change the function of a
+# forward pass (bookkeeping, training-time and output options; pretraining_tp only splits matmuls).
+HANDLED = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "max_position_embeddings", "attention_bias", "mlp_bias", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+    "pad_token_id", "model_type", "architectures", "hidden_act", "attention_dropout", "sliding_window",
+    "use_sliding_window", "partial_rotary_factor", "quantization_config",
+}
+NO_EFFECT = {
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "initializer_range", "use_cache",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder", "pretraining_tp", "tokenizer_class",
+}
+
+
+@functools.cache
+def transformers_defaults(model_type: str) -> dict[str, Any]:
+    """Every field of transformers' config class for the architecture, with its default value."""
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[model_type]
+    return cls().to_dict()
+
+
+def unhandled_settings(d: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """Penzai's rule: the fields of `d` that transformers' config class knows (`defaults`), set to a value
+    other than the default, that expand neither reads nor knows to be without effect. Such a field changes
+    what transformers computes in a way expand does not. (Fields transformers does not know are ignored by
+    transformers too.)"""
+    return [key for key, value in d.items()
+            if key in defaults and key not in HANDLED | NO_EFFECT and value != defaults[key]]
+
+
+def _refuse_unknown_settings(d: dict[str, Any], model_type: str) -> None:
+    """Refuse `unhandled_settings` by name instead of computing another function."""
+    defaults = transformers_defaults(model_type)
+    unknown = unhandled_settings(d, defaults)
+    if unknown:
+        shown = ", ".join(f"{key}={d[key]!r} (default {defaults[key]!r})" for key in unknown)
+        raise ConfigError(f"config.json sets {shown}, which transformers' {model_type} model reads and expand "
+                          "does not implement; expand would compute another function. If the field has no "
+                          "effect on the forward pass, remove it from config.json")
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:

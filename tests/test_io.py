@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +15,8 @@ import pytest
 import expand
 from expand.io.atomic import OutputExistsError
 from tests.conftest import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
+
+CONFIGS = Path(__file__).parents[1] / "experiments" / "configs"
 
 
 def _siblings(path):
@@ -154,3 +157,23 @@ def test_eval_shape_of_llama3(hf, count):
     assert params["layers.mlp.down_proj.weight"].shape == (L, config.intermediate_size, d)
     logits = jax.eval_shape(lambda p: expand.forward(p, np.zeros((2, 16), np.int32), config), params)
     assert logits.shape == (2, 16, 128256)
+
+
+def test_config_fields_transformers_knows_are_handled_or_refused_by_name():
+    """Every field of today's LlamaConfig and MistralConfig is read by expand or known to have no effect; a
+    field transformers adds tomorrow (simulated by extending the real defaults) is refused by name when set."""
+    import json as json_module
+
+    from transformers import LlamaConfig, MistralConfig
+
+    from expand.config import HANDLED, NO_EFFECT, unhandled_settings
+
+    for cls in (LlamaConfig, MistralConfig):
+        assert set(cls().to_dict()) <= HANDLED | NO_EFFECT, cls.__name__
+    defaults = {**LlamaConfig().to_dict(), "attention_sink_size": 0}
+    config = json_module.loads((CONFIGS / "llama-3-8b" / "config.json").read_text())
+    assert unhandled_settings(config, defaults) == []
+    assert unhandled_settings({**config, "attention_sink_size": 0}, defaults) == []  # the default: no effect
+    assert unhandled_settings({**config, "attention_sink_size": 4}, defaults) == ["attention_sink_size"]
+    with pytest.raises(expand.ConfigError, match="hidden_act"):
+        expand.Config.from_hf({**config, "hidden_act": "gelu"})
