@@ -9,6 +9,11 @@ the base in fp32; the floor of fp64 is the fp32 floor scaled by the ratio of mac
 floor: an exact transformation only reorders rounding (about 1x the floor), a real change moves logits by
 orders of magnitude more (the demo table in the README shows both on SmolLM2).
 
+A NaN or inf in any logit of base or candidate is its own verdict, `non-finite`, whatever the other numbers
+say (XLA's max skips NaNs, so a broken model can show a small max |delta logit|); the report names the
+first slot whose output is non-finite. So is a NaN or inf anywhere in either model's weights, even where
+these tokens never read it (a row of an unused token).
+
 Layers correspond through the candidate's provenance: slot s of a depth candidate maps to base layer
 layer_map[s], and its output is compared with that layer's output; a width candidate is compared on the
 base's first d residual coordinates. Drift per layer is max |delta h| / max |h_base| (relative, because the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -29,6 +35,7 @@ import numpy as np
 from expand.container import Model
 from expand.model import forward
 from expand.numerics import accumulation_dtype, kl_divergence, next_token_nll
+from expand.params import nonfinite_tensors
 from expand.provenance import Provenance
 from expand.surgery.plan import LayerPlan, plan_from_layer_spec
 
@@ -64,6 +71,10 @@ class Report:
     layers: list[dict]
     first_drift_layer: int | None
     base_logit_std: float
+    nonfinite_positions: int = 0
+    first_nonfinite_slot: int | None = None
+    base_is_finite: bool = True
+    nonfinite_weights: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def preserved(self) -> bool:
@@ -148,13 +159,23 @@ def compare_logits(base_logits, logits, tokens) -> dict[str, jax.Array]:
     agree (B, T): argmax of candidate == argmax of base.
     max_abs_delta (B, T): max_v |logit_candidate - logit_base|.
     nll (B, T - 1): -log q(tokens[:, t + 1]) at position t, the candidate's next-token loss terms
-        (its mean is `lm_loss`)."""
+        (its mean is `lm_loss`).
+    finite (B, T): every logit of both is finite at this position. Where it is False the other numbers mean
+        nothing (XLA's max skips NaN, so max_abs_delta can look small): callers must look at it first."""
     kl = jnp.maximum(kl_divergence(base_logits, logits), 0.0)
     agree = jnp.argmax(base_logits, -1) == jnp.argmax(logits, -1)
     nll = next_token_nll(logits, tokens)
     acc = accumulation_dtype(logits.dtype)
     delta = jnp.abs(logits.astype(acc) - base_logits.astype(acc)).max(-1)
-    return {"kl": kl, "agree": agree, "max_abs_delta": delta, "nll": nll}
+    finite = jnp.isfinite(base_logits).all(-1) & jnp.isfinite(logits).all(-1)
+    return {"kl": kl, "agree": agree, "max_abs_delta": delta, "nll": nll, "finite": finite}
+
+
+def first_nonfinite_slot(hidden: np.ndarray) -> int | None:
+    """hidden (N + 1, B, T, d) residual stream -> the first slot whose output holds a NaN or inf (-1: the
+    embeddings), or None when all is finite."""
+    bad = ~np.isfinite(hidden.reshape(hidden.shape[0], -1)).all(axis=1)
+    return int(np.argmax(bad)) - 1 if bad.any() else None
 
 
 def relative_drift(hidden: np.ndarray, reference: np.ndarray) -> float:
@@ -209,20 +230,30 @@ def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = 
 
     with jax.enable_x64(dtype == "fp64"):
         stats = jax.device_get(compare_logits(base_run.logits, logits, tokens))
-    delta, kl, agreement = float(stats["max_abs_delta"].max()), stats["kl"], float(stats["agree"].mean())
+    nonfinite = int((~stats["finite"]).sum())
+    bad_weights = nonfinite_tensors(cand.model.params)
+    base_is_finite = (bool(np.isfinite(base_run.logits).all()) and math.isfinite(base_run.floor)
+                      and not nonfinite_tensors(base.params))
     tolerance = FLOOR_FACTOR * base_run.floor
     d = base.config.hidden_size
     layers, first = [], None
     for slot, base_layer in enumerate(layer_map(base, cand)):
         drift = relative_drift(hidden[slot + 1][..., :d], base_run.hidden[base_layer + 1])
         floor = base_run.layer_floor[base_layer + 1]
-        drifted = drift > FLOOR_FACTOR * floor
+        drifted = not drift <= FLOOR_FACTOR * floor  # a NaN drift is drift
         layers.append({"slot": slot, "base_layer": base_layer, "drift": drift, "floor": floor, "drifted": drifted})
         if drifted and first is None:
             first = slot
+    if nonfinite or bad_weights or not base_is_finite:
+        verdict, delta, kl_mean, kl_max = "non-finite", math.nan, math.nan, math.nan
+    else:
+        delta, kl_mean, kl_max = float(stats["max_abs_delta"].max()), float(stats["kl"].mean()), float(stats["kl"].max())
+        verdict = "preserved" if delta <= tolerance else "drifted"
     return Report(
         base=str(base.source), candidate=cand.name, dtype=dtype, tokens=tuple(tokens.shape),
-        max_abs_logit_delta=delta, mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1_agreement=agreement,
-        floor=base_run.floor, tolerance=tolerance, verdict="preserved" if delta <= tolerance else "drifted",
-        layers=layers, first_drift_layer=first, base_logit_std=float(base_run.logits.std()),
+        max_abs_logit_delta=delta, mean_kl=kl_mean, max_kl=kl_max, top1_agreement=float(stats["agree"].mean()),
+        floor=base_run.floor, tolerance=tolerance, verdict=verdict, layers=layers, first_drift_layer=first,
+        base_logit_std=float(base_run.logits.std()), nonfinite_positions=nonfinite,
+        first_nonfinite_slot=first_nonfinite_slot(hidden), base_is_finite=base_is_finite,
+        nonfinite_weights=bad_weights,
     )

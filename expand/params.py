@@ -203,6 +203,11 @@ def check_params(config: Config, params: Params) -> None:
         raise ValueError("params do not match the config: " + "; ".join(problems))
 
 
+def nonfinite_tensors(params: Params) -> list[str]:
+    """Names of the tensors holding a NaN or inf (one reduction per tensor, on its devices)."""
+    return [name for name, value in params.items() if not bool(jnp.isfinite(value).all())]
+
+
 def init_params(config: Config, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random params (normal(0, std) matrices, unit norm gains, zero biases), for tests and benchmarks."""
     shapes = param_shapes(config)

@@ -184,3 +184,14 @@ def test_cli_refuses_a_bad_sweep_before_computing(checkpoint, capsys):
     before = TRACE_COUNTS["forward"]
     assert main(["ablate", str(checkpoint), "--sweep", "window:9:2", "--random-tokens"]) == 2
     assert "exceed" in capsys.readouterr().err and TRACE_COUNTS["forward"] == before
+
+
+def test_a_nan_weight_marks_every_row_and_never_ranks_as_harmless(tiny_checkpoint):
+    model = expand.load(tiny_checkpoint)
+    params = dict(model.params)
+    params["layers.mlp.down_proj.weight"] = params["layers.mlp.down_proj.weight"].at[2, 0, 0].set(np.nan)
+    broken = expand.Model(model.config, params, "broken")
+    tokens = np.random.default_rng(1).integers(3, 256, (2, 24)).astype(np.int32)
+    table = ablate(broken, "prune-greedy:2", tokens)
+    assert table.base["finite"] is False and np.isnan(table.base["mean_kl"])
+    assert all(row["finite"] is False and np.isnan(row["loss"]) for row in table.rows)

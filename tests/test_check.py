@@ -104,3 +104,32 @@ def test_bad_input(tmp_path, tiny_checkpoint, base, tokens, capsys):
     assert main(["check", str(tiny_checkpoint), str(deeper), "--random-tokens"]) == 2
     assert "no provenance" in capsys.readouterr().err
     np.testing.assert_equal(base.config.num_hidden_layers, 4)
+
+
+@pytest.mark.parametrize("where", ["down_proj", "lm_head_row", "embedding_row"])
+def test_a_non_finite_model_is_never_preserved(tmp_path, tiny_checkpoint, where, capsys):
+    """One NaN weight: XLA's max skips NaNs, so without the finite check the report looked preserved."""
+    from expand.io.safetensors import SafetensorsSource
+
+    model = expand.load(tiny_checkpoint)
+    params = dict(model.params)
+    if where == "down_proj":
+        params["layers.mlp.down_proj.weight"] = params["layers.mlp.down_proj.weight"].at[2, 5, 7].set(np.nan)
+    elif where == "lm_head_row":
+        params["lm_head.weight"] = params["lm_head.weight"].at[:, 17].set(np.nan)
+    else:
+        params["embed_tokens.weight"] = params["embed_tokens.weight"].at[40].set(np.inf)
+    broken = expand.save(tmp_path / "broken", model.config, params)
+    tokens = np.arange(3, 3 + 2 * 48).reshape(2, 48) % 250 + 3
+    report = check(model, expand.load(broken), tokens=tokens)
+    assert report.verdict == "non-finite" and not report.preserved
+    assert np.isnan(report.max_abs_logit_delta) and report.nonfinite_positions > 0
+    assert report.first_nonfinite_slot == {"down_proj": 2, "lm_head_row": None, "embedding_row": -1}[where]
+    before = SafetensorsSource(broken).read("lm_head.weight").copy()
+    assert main(["check", str(tiny_checkpoint), str(broken), "--random-tokens", "--seq-len", "48",
+                 "--num-sequences", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "non-finite" in out
+    if where == "embedding_row":  # token 40 may not be among the random tokens: the weights still say it
+        assert "embed_tokens.weight" in out
+    np.testing.assert_array_equal(SafetensorsSource(broken).read("lm_head.weight"), before)

@@ -32,6 +32,7 @@ layer or block, with Spearman rank correlations.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -112,6 +113,11 @@ def ablate(model: Model, sweep, eval_tokens: np.ndarray, metrics: Sequence[str] 
                  lengths=sorted({n} | {row["depth"] for row in rows}))
 
 
+def nan_last(value: float) -> float:
+    """A sort key that ranks NaN (a non-finite variant) after every number."""
+    return math.inf if math.isnan(value) else value
+
+
 def _prune_greedy(model: Model, evals: EvalSet, target: int, metrics) -> list[dict]:
     """Remove, one at a time, the layer whose removal gives the lowest mean KL to the base; one row per
     step (the chosen removal's metrics, and how many candidates were measured). Each step's candidates
@@ -128,7 +134,7 @@ def _prune_greedy(model: Model, evals: EvalSet, target: int, metrics) -> list[di
                 plan = plan_of([i for i in kept if i != layer], n)
                 trials.append((evaluate(model, evals, plan, trunk), layer, plan))
                 advance()
-            result, layer, plan = min(trials, key=lambda t: t[0]["mean_kl"])
+            result, layer, plan = min(trials, key=lambda t: nan_last(t[0]["mean_kl"]))
             kept.remove(layer)
             if len(kept) > target:
                 trunk = trunk_of(model, evals, plan)

@@ -17,7 +17,7 @@ from expand.model import forward
 from expand.params import param_count
 from expand.surgery.plan import LayerPlan
 
-METRICS = ("loss", "ppl", "mean_kl", "top1", "max_abs_logit_delta", "params")
+METRICS = ("loss", "ppl", "mean_kl", "top1", "max_abs_logit_delta", "params", "finite")
 
 
 @dataclasses.dataclass
@@ -94,19 +94,24 @@ def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan,
 
 def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None = None) -> dict[str, float]:
     """The metrics of one variant (see the module docstring), accumulated over the eval batches; the variant
-    starts from the trunk (default: the base) where it departs from it."""
+    starts from the trunk (default: the base) where it departs from it. `finite` is False when any logit of
+    the variant or the base is NaN or inf; its metrics are then NaN (never a number that looks fine)."""
     nll = kl = agree = 0.0
-    delta, positions, targets = 0.0, 0, 0
+    delta, positions, targets, finite = 0.0, 0, 0, True
     for batch, (tokens, base_logits) in enumerate(zip(evals.batches, evals.base_logits)):
         logits = variant_logits(model, evals, batch, plan, trunk)
         stats = jax.device_get(compare_logits(base_logits, logits, tokens))
+        finite = finite and bool(stats["finite"].all())
         nll += float(stats["nll"].sum(dtype=np.float64))
         kl += float(stats["kl"].sum(dtype=np.float64))
         agree += float(stats["agree"].sum())
         delta = max(delta, float(stats["max_abs_delta"].max()))
         positions += stats["kl"].size
         targets += stats["nll"].size
-    loss = nll / targets
-    return {"loss": loss, "ppl": math.exp(loss), "mean_kl": kl / positions, "top1": agree / positions,
-            "max_abs_logit_delta": delta,
-            "params": param_count(model.config.replace(num_hidden_layers=plan.num_layers))}
+    loss = nll / targets if finite else math.nan
+    measured = {"loss": loss, "ppl": math.exp(loss), "mean_kl": kl / positions, "top1": agree / positions,
+                "max_abs_logit_delta": delta}
+    if not finite:
+        measured = {name: math.nan for name in measured}
+    return {**measured, "params": param_count(model.config.replace(num_hidden_layers=plan.num_layers)),
+            "finite": finite}

@@ -26,7 +26,17 @@ def cmd_check(args) -> int:
     report = check(base, candidate, tokens=eval_tokens(base, args), dtype=args.dtype)
     print_reports([report], f"{args.base} vs {report.candidate} ({args.dtype}, tokens {report.tokens})")
     drifting = [layer for layer in report.layers if layer["drifted"]]
-    if report.first_drift_layer is not None:
+    if report.verdict == "non-finite":
+        where = ("the base itself is non-finite" if not report.base_is_finite else
+                 f"{report.nonfinite_positions} positions have a NaN or inf logit")
+        if report.nonfinite_weights:
+            where += f"; NaN or inf weights in {', '.join(report.nonfinite_weights)}"
+        slot = report.first_nonfinite_slot
+        first = ("" if slot is None else " (embeddings)" if slot == -1 else
+                 f"; the first non-finite hidden state is the output of slot {slot} "
+                 f"(base layer {report.layers[slot]['base_layer']})")
+        console.print(Text(f"non-finite: {where}{first}; no number of this report can be trusted", style="red"))
+    elif report.first_drift_layer is not None:
         console.print(Text(f"first layer out of the floor: slot {report.first_drift_layer} "
                            f"(base layer {report.layers[report.first_drift_layer]['base_layer']}); "
                            f"{len(drifting)} of {len(report.layers)} slots drift"))
