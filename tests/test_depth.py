@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -174,13 +175,54 @@ def test_recipe_with_two_models_takes_embeddings_from_first_and_head_from_last(t
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [3, 3]}]}]}, "nonempty"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]},
                                                              {"model": "m", "layer_range": [0, 2]}]}]}, "exactly one"),
+    ({"merge_method": "passthrough", "slice": []}, "unknown key 'slice'; did you mean 'slices'"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2],
+                                                               "paramters": {"scale": 0.5}}]}]},
+     "unknown key 'paramters'; did you mean 'parameters'"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2],
+                                                               "parameters": {"scael": 0.5}}]}]},
+     "did you mean 'scale'"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}],
-      "parameters": {"scale": {"filter": "o_proj", "value": 0}}}, "as a list"),
-    ({"merge_method": "passthrough", "slice": []}, "unknown recipe keys"),
+      "parameters": {"scale": [{"fliter": "o_proj", "value": 0}]}}, "unknown key 'fliter'; did you mean 'filter'"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}],
+                                                 "residual_weight": 0.5}]}, "no effect in passthrough"),
+    ({"merge_method": "passthrough", "dtype": "flaot16",
+      "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "did you mean float16"),
+    ({"merge_method": "passthrough", "dtype": "float8",
+      "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "not a float dtype"),
+    ({"merge_method": "passthrough", "tokenizer_source": "union",
+      "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "keeps MODEL's tokenizer"),
+    ({"merge_method": "passthrough", "chat_template": "chatml",
+      "slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}, "Jinja template itself"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "m", "layer_range": [0, 2],
+                                                               "parameters": {"scale": "half"}}]}]},
+     "must be a number"),
 ])
 def test_bad_recipes_are_refused(recipe, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message) if "(" in message else message):
         expand.plan_from_recipe(recipe, num_layers=30)
+
+
+def test_a_bare_filter_mapping_is_mergekit_s_one_element_list():
+    """mergekit 0.1.5 accepts `scale: {filter: o_proj, value: 0}` and applies it as a one-element list."""
+    def plan(scale):
+        return expand.plan_from_recipe({"merge_method": "passthrough", "parameters": {"scale": scale},
+                                        "slices": [{"sources": [{"model": "m", "layer_range": [0, 3]}]}]},
+                                       num_layers=30)
+
+    bare, listed = plan({"filter": "o_proj", "value": 0}), plan([{"filter": "o_proj", "value": 0}])
+    assert bare.slots == listed.slots
+    assert [s.scale_of("layers.self_attn.o_proj.weight") for s in bare.slots] == [0.0, 0.0, 0.0]
+    assert all(s.scale_of("layers.mlp.down_proj.weight") == 1.0 for s in bare.slots)
+    assert plan([]).slots == plan(1.0).slots  # an empty list sets nothing
+    assert plan("0.5").slots == plan(0.5).slots  # YAML reads some numbers as strings; mergekit converts them
+
+
+def test_broken_yaml_names_the_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: passthrough\nslices:\n  - sources: [{model: m, layer_range: [0, 2]}\n")
+    with pytest.raises(ValueError, match="not valid YAML at line"):
+        expand.plan_from_recipe(path, num_layers=30)
 
 
 # ---- on disk -------------------------------------------------------------------------------------------
@@ -218,3 +260,29 @@ def test_show_plan_for_llama3_8b_from_config_alone(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["num_layers"] == 56 and info["new_parameters"] == 13_264_949_248
     assert info["layer_map"] == "0-7, 4-11, 8-15, 12-19, 16-23, 20-27, 24-31"
+
+
+def test_recipe_chat_template_and_tokenizer_source_base(tmp_path, tiny30):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    def with_tokenizer(path, template):
+        backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", chat_template=template).save_pretrained(path)
+
+    base = tmp_path / "base"
+    import shutil
+
+    shutil.copytree(tiny30, base)
+    with_tokenizer(base, "{{ 'BASE' }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    recipe = {"merge_method": "passthrough", "base_model": str(base), "tokenizer_source": "base",
+              "chat_template": template, "slices": [{"sources": [{"model": "any", "layer_range": [0, 4]}]}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["depth", str(tiny30), str(tmp_path / "out"), "--recipe", str(path)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer.get_vocab() == {"[UNK]": 0, "a": 1, "b": 2}  # base_model's tokenizer
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False) == "<<a>>"
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == template

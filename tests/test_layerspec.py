@@ -93,3 +93,45 @@ def test_layer_map_is_compressed_into_ranges():
     assert format_layer_map(parse_layer_spec("0:8,4:12", 32)) == "0-7, 4-11"
     assert format_layer_map(parse_layer_spec("0:10,10:20:2,20:", 32)) == "0-9, 10-18 step 2, 20-31"
     assert expand.parse_layer_spec is parse_layer_spec
+
+
+# ---- fuzzing: the parsers only ever raise ValueError, with a message ------------------------------------
+
+SPEC_ALPHABET = st.sampled_from(list("0123456789:,-all []x\t") + ["all", "10", "-1", "::", "1e3"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(SPEC_ALPHABET, max_size=12).map("".join), st.integers(min_value=-2, max_value=40))
+def test_layer_spec_parser_raises_only_value_errors(spec, num_layers):
+    try:
+        slots = parse_layer_spec(spec, num_layers)
+    except ValueError as e:
+        assert str(e)
+    else:
+        assert slots and all(0 <= s < num_layers for s in slots)
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True), st.text(max_size=6))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["model", "layer_range", "sources", "parameters", "scale", "filter", "value",
+                                     "merge_method", "slices", "dtype", "paramters", "x"]), inner, max_size=4)),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.fixed_dictionaries({"merge_method": st.sampled_from(["passthrough", "linear", None])}, optional={
+    "slices": st.lists(st.fixed_dictionaries({"sources": st.lists(st.fixed_dictionaries(
+        {"model": st.one_of(st.sampled_from(["m", "n"]), VALUES), "layer_range": st.one_of(st.lists(st.integers(-2, 40), max_size=3),
+                                                                          VALUES)},
+        optional={"parameters": VALUES}), max_size=2)}, optional={"parameters": VALUES}), max_size=3),
+    "parameters": VALUES, "dtype": VALUES, "chat_template": VALUES, "tokenizer_source": VALUES}))
+def test_recipe_parser_raises_only_value_errors(recipe):
+    from expand.surgery.recipe import plan_from_recipe
+
+    try:
+        plan = plan_from_recipe(recipe, num_layers={"m": 30, "n": 12})
+    except ValueError as e:
+        assert str(e)
+    else:
+        assert plan.num_layers >= 1

@@ -261,15 +261,17 @@ def _write_safetensors(directory: Path, config: Config, params: Params, dtype: n
 
 
 def write_metadata(directory: Path, config: Config, dtype, tokenizer_from=None,
-                   provenance: Provenance | None = None) -> None:
+                   provenance: Provenance | None = None, chat_template: str | None = None) -> None:
     """Everything of an output directory but the weights: config.json, generation_config.json, the
-    tokenizer (and chat template), and expand.json (the provenance)."""
+    tokenizer (and chat template; `chat_template` replaces the source's), and expand.json (the provenance)."""
     (directory / "config.json").write_text(json.dumps(config.to_hf(dtype_name(dtype)), indent=2))
     generation = {k: v for k, v in config.to_hf().items()
                   if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer_from is not None:
         save_tokenizer(tokenizer_from, directory)
+    if chat_template is not None:
+        set_chat_template(directory, chat_template)
     if provenance is not None:
         provenance.write(directory)
 
@@ -308,6 +310,18 @@ def save_tokenizer(tokenizer_from, directory: Path) -> None:
                 shutil.copy2(path / name, directory / name)
         return
     load_tokenizer(source).save_pretrained(str(directory))
+
+
+def set_chat_template(directory: Path, template: str) -> None:
+    """Make `template` the chat template of the tokenizer saved in `directory` (chat_template.jinja, which
+    transformers reads before tokenizer_config.json's key, which is removed)."""
+    config_path = directory / "tokenizer_config.json"
+    if config_path.exists():
+        tokenizer_config = json.loads(config_path.read_text())
+        if tokenizer_config.pop("chat_template", None) is not None:
+            config_path.write_text(json.dumps(tokenizer_config, indent=2))
+    (directory / "chat_template.json").unlink(missing_ok=True)
+    (directory / "chat_template.jinja").write_text(template)
 
 
 # ---- orbax -------------------------------------------------------------------------------------------

@@ -93,8 +93,13 @@ def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out
         return o.spec.to_hf(np.asarray(compute(o, read, grow)), plan.config).astype(out_dtype, copy=False)
 
     leading = checkpoints[lead]
+    tokenizer_from, chat_template = leading.name, None
+    if plan.depth is not None:
+        tokenizer_from = plan.depth.tokenizer_model or tokenizer_from
+        chat_template = None if plan.depth.chat_template == "auto" else plan.depth.chat_template
     with atomic_dir(out, overwrite) as tmp:
         with progress_bar(f"writing {Path(out).name}", total=len(entries)) as advance:
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
-        write_metadata(tmp, plan.config, out_dtype, leading.name, plan.lineage(leading.provenance))
+        write_metadata(tmp, plan.config, out_dtype, tokenizer_from, plan.lineage(leading.provenance),
+                       chat_template=chat_template)
     return Path(out)

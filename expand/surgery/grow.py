@@ -11,7 +11,7 @@ from typing import Mapping
 
 from expand.config import Config
 from expand.container import Model
-from expand.io import open_checkpoint
+from expand.io import open_checkpoint, resolve
 from expand.params import Params
 from expand.surgery.execute import execute, execute_to_disk
 from expand.surgery.plan import LayerPlan
@@ -70,6 +70,8 @@ def grow_to_disk(model, out, *, plan: LayerPlan | None = None, models: Mapping[s
     dtype: output dtype (default: the recipe's out_dtype or dtype, else the source's)."""
     if plan is None and not width_request:
         raise ValueError("nothing to do: give a depth plan, target sizes, or both")
+    if plan is not None and plan.tokenizer_model is not None:
+        resolve(plan.tokenizer_model)  # refuse a missing tokenizer model before writing anything
     lead = open_checkpoint(model)
     checkpoints = {BASE: lead, **{name: open_checkpoint(path) for name, path in (models or {}).items()}}
     configs = {name: c.config for name, c in checkpoints.items() if name != BASE}

@@ -38,7 +38,9 @@ class LayerPlan:
     outer_scales: factors for embed_tokens / norm / lm_head (from mergekit parameters). embed_model and
     head_model: which model the embeddings and the final norm + lm_head come from (mergekit takes the
     first slice's and the last slice's). dtype/out_dtype: a recipe's load and output dtypes.
-    description: the spec or recipe the plan was made from."""
+    description: the spec or recipe the plan was made from. tokenizer_model: where the output's tokenizer
+    comes from when not from the model the plan reads (a recipe's base_model with tokenizer_source: base).
+    chat_template: a recipe's chat template for the output (a Jinja template, or 'auto': the source's)."""
 
     slots: tuple[Slot, ...]
     num_source_layers: int
@@ -49,6 +51,8 @@ class LayerPlan:
     out_dtype: str | None = None
     description: str = ""
     models: tuple[str, ...] = field(default=())
+    tokenizer_model: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self):
         if not self.slots:
@@ -97,6 +101,8 @@ class LayerPlan:
             "head_model": self.head_model,
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
+            "tokenizer_model": self.tokenizer_model,
+            "chat_template": self.chat_template,
         }
 
     def __str__(self) -> str:

@@ -1,4 +1,4 @@
-"""mergekit passthrough recipes -> LayerPlan, with mergekit's own semantics.
+"""mergekit passthrough recipes -> LayerPlan, with mergekit 0.1.5's own semantics.
 
     slices:
       - sources: [{model: M, layer_range: [0, 20]}]
@@ -13,17 +13,23 @@ What mergekit does, and so what this does:
   (`model.layers.12.self_attn.o_proj.weight`): first the slice source's `parameters`, then the slice's,
   then the recipe's top-level `parameters`; the first that yields a value wins.
 - A setting is a number; a list of numbers (a gradient interpolated at t = i / (n - 1) over the n layers
-  of the slice, t = 1 for a one-layer slice); or a list of `{filter, value}` conditions where the first
-  whose filter is absent, '*' or a substring of the tensor name gives the value.
+  of the slice, t = 1 for a one-layer slice); a `{filter, value}` mapping or a list of them, where the first
+  whose filter is absent, '*' or a substring of the tensor name gives the value; an empty list gives none.
 - The tensor is cast to `dtype` and multiplied by the scale (in float32, rounded back), then cast to
   `out_dtype` if given.
-Where mergekit would write a broken model or crash, this refuses with a message instead: a layer_range
-outside the model or empty, a slice with several sources, a bare `{filter, value}` mapping (mergekit
-raises "Unexpected setting value"), a merge method other than passthrough.
+- The tokenizer is MODEL's (the recipe model that leads), or `base_model`'s with `tokenizer_source: base`;
+  `chat_template` (a Jinja template, or `auto`: the source's) replaces its chat template.
+Refused, each with a message that names the key and the fix: keys mergekit does not know (with the nearest
+valid one), settings passthrough would silently ignore (parameters other than `scale`, a slice's
+`base_model` or `residual_weight`), what mergekit itself refuses (several sources in a slice, a merge method
+other than passthrough, an unknown dtype), and what would write a broken model (a layer_range outside the
+model or empty, an integer dtype), and what expand does not implement (`models`, `modules`, `tokenizer`,
+`tokenizer_source` other than `base`, mergekit's named chat templates).
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,35 +39,86 @@ from expand.params import TABLE
 from expand.surgery.plan import LayerPlan, Slot
 
 Setting = Any
-IGNORED_KEYS = {"base_model", "tokenizer_source", "tokenizer", "chat_template", "name"}
+
+KEYS = {
+    "recipe": ("merge_method", "slices", "parameters", "dtype", "out_dtype", "base_model", "tokenizer_source",
+               "chat_template", "models", "modules", "tokenizer"),
+    "slice": ("sources", "parameters", "base_model", "residual_weight"),
+    "source": ("model", "layer_range", "parameters"),
+    "parameters": ("scale",),
+    "condition": ("filter", "value"),
+}
+NOT_IMPLEMENTED = {
+    "models": "'models' merges whole models by averaging (linear, ties, ...), which is mergekit's job; "
+              "describe the layers with 'slices'",
+    "modules": "per-module slices are not implemented; describe the layers with 'slices'",
+    "tokenizer": "tokenizer building is not implemented; expand keeps MODEL's tokenizer (or base_model's with "
+                 "tokenizer_source: base)",
+}
+IGNORED_BY_PASSTHROUGH = ("base_model", "residual_weight")  # at the slice level
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_keys(mapping: Mapping, level: str, where: str) -> None:
+    """Refuse a key the recipe schema does not have at this level, suggesting the nearest valid one."""
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{where}: expected a mapping of {', '.join(KEYS[level])}, got {mapping!r}")
+    for key in mapping:
+        if key not in KEYS[level]:
+            near = difflib.get_close_matches(str(key), KEYS[level], n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"{where}: unknown key {key!r}; {hint}(valid here: {', '.join(KEYS[level])})")
+
+
+def check_parameters(holder: Mapping, where: str) -> None:
+    params = holder.get("parameters")
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{where}: parameters must be a mapping like {{scale: 0.5}}, got {params!r}")
+    for key in params:
+        if key != "scale":
+            near = difflib.get_close_matches(str(key), ["scale"], n=1)
+            hint = "did you mean 'scale'? " if near else ""
+            raise ValueError(f"{where}: parameter {key!r} has no effect in passthrough, which reads only 'scale'; "
+                             f"{hint}remove it or use another merge tool")
+
+
+def _number(value, where: str) -> float:
+    """A scale: a number, or a string that is one (YAML reads 1e-3 as a string; mergekit converts it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{where}: a scale must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{where}: a scale must be a number, got {value!r}") from None
 
 
 def evaluate_setting(tensor_name: str, setting: Setting, t: float, where: str) -> float | None:
-    """mergekit's `evaluate_setting`: a scalar, a gradient list, or a list of {filter, value}."""
-    if isinstance(setting, (int, float, bool, str)):
-        return setting
+    """mergekit's `evaluate_setting` for the scale: a number, a gradient list, a {filter, value} mapping or
+    a list of them (the first matching filter wins; none matching, or an empty list, gives None)."""
+    if isinstance(setting, Mapping):  # mergekit 0.1.5 takes a bare condition as a one-element list
+        setting = [setting]
     if isinstance(setting, list):
-        if all(isinstance(e, (int, float)) for e in setting):
-            scaled = t * (len(setting) - 1)
-            i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
-            frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        if all(isinstance(e, (int, float, bool, str)) for e in setting):
-            return setting[int(t * (len(setting) - 1))]
-        if all(isinstance(e, dict) for e in setting):
+        if not setting:
+            return None
+        if all(isinstance(e, Mapping) for e in setting):
+            for number, cond in enumerate(setting):
+                check_keys(cond, "condition", f"{where}[{number}]")
+                if "value" not in cond:
+                    raise ValueError(f"{where}[{number}]: a condition needs a 'value'")
             for cond in setting:
                 filt = cond.get("filter")
-                if filt is None or filt == "*" or (tensor_name and filt in tensor_name):
-                    return evaluate_setting(tensor_name, cond.get("value"), t, where)
+                if filt is None or filt == "*" or (tensor_name and str(filt) in tensor_name):
+                    return evaluate_setting(tensor_name, cond["value"], t, where)
             return None
-    if isinstance(setting, dict):
-        raise ValueError(
-            f"{where}: a single {{filter, value}} mapping is not a valid mergekit setting (mergekit fails with "
-            "'Unexpected setting value'); write it as a list: [{filter: ..., value: ...}]"
-        )
-    raise ValueError(f"{where}: unexpected setting {setting!r} (a number, a list of numbers, or a list of "
-                     "{filter, value})")
+        values = [_number(e, where) for e in setting]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+    return _number(setting, where)
 
 
 def _lookup(name: str, t: float, source: dict, slice_: dict, recipe: dict, where: str) -> float | None:
@@ -71,7 +128,7 @@ def _lookup(name: str, t: float, source: dict, slice_: dict, recipe: dict, where
         if "scale" in params:
             value = evaluate_setting(name, params["scale"], t, f"{where} {level} parameters.scale")
             if value is not None:
-                return float(value)
+                return value
     return None
 
 
@@ -79,47 +136,91 @@ def read_recipe(recipe: str | Path | Mapping) -> dict:
     if isinstance(recipe, Mapping):
         return dict(recipe)
     path = Path(recipe)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no recipe at {recipe}")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{recipe} is not valid YAML{at}: {getattr(e, 'problem', e)}; fix the file") from None
     if not isinstance(data, dict):
         raise ValueError(f"{recipe} is not a mergekit recipe (expected a YAML mapping with 'slices')")
     return data
 
 
+def _check_dtype(recipe: dict, key: str) -> str | None:
+    name = recipe.get(key)
+    if name is None:
+        return None
+    bare = str(name).removeprefix("torch.")
+    if bare not in DTYPES:
+        near = difflib.get_close_matches(bare, DTYPES, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ValueError(f"recipe {key}: {name!r} is not a float dtype mergekit writes; {hint}"
+                         f"(choose {', '.join(DTYPES)})")
+    return bare
+
+
 def _validate(recipe: dict) -> list[dict]:
+    check_keys(recipe, "recipe", "recipe")
     method = recipe.get("merge_method")
     if method != "passthrough":
         raise ValueError(
             f"merge_method {method!r}: expand implements mergekit's passthrough (layer stacking); "
             "merges that average weights (linear, slerp, ties, ...) are mergekit's job"
         )
-    for key in ("models", "modules"):
+    for key, why in NOT_IMPLEMENTED.items():
         if key in recipe:
-            raise ValueError(f"recipe key {key!r} is not supported: describe the layers with 'slices'")
-    unknown = set(recipe) - {"slices", "merge_method", "dtype", "out_dtype", "parameters"} - IGNORED_KEYS
-    if unknown:
-        raise ValueError(f"unknown recipe keys {sorted(unknown)} (a typo of 'slices' or 'parameters'?)")
+            raise ValueError(f"recipe key {key!r}: {why}")
+    source = recipe.get("tokenizer_source")
+    if source not in (None, "base"):
+        raise ValueError(f"tokenizer_source {source!r}: expand keeps MODEL's tokenizer, or base_model's with "
+                         "tokenizer_source: base ('union' and other models would rebuild the vocabulary and the "
+                         "embeddings); remove the key or write base")
+    if source == "base" and recipe.get("base_model") is None:
+        raise ValueError("tokenizer_source: base needs a base_model whose tokenizer to take")
+    check_chat_template(recipe.get("chat_template"))
+    check_parameters(recipe, "recipe")
     slices = recipe.get("slices")
     if not slices:
         raise ValueError("the recipe has no 'slices'")
+    if not isinstance(slices, list):
+        raise ValueError(f"'slices' must be a list of {{sources: [...]}}, got {slices!r}")
     for i, s in enumerate(slices):
-        sources = s.get("sources") if isinstance(s, dict) else None
-        if not sources or len(sources) != 1:
+        check_keys(s, "slice", f"slice {i}")
+        for key in IGNORED_BY_PASSTHROUGH:
+            if key in s:
+                raise ValueError(f"slice {i}: {key!r} has no effect in passthrough; remove it")
+        check_parameters(s, f"slice {i}")
+        sources = s.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
             raise ValueError(
                 f"slice {i}: passthrough takes exactly one source per slice, got "
-                f"{len(sources) if sources else 0} (mergekit fails with 'Passthrough merge expects exactly one tensor')"
+                f"{len(sources) if isinstance(sources, list) else 0} (mergekit fails with 'Passthrough merge "
+                "expects exactly one tensor')"
             )
-        src = sources[0]
-        if "model" not in src or "layer_range" not in src:
+        check_keys(sources[0], "source", f"slice {i} source")
+        check_parameters(sources[0], f"slice {i} source")
+        if "model" not in sources[0] or "layer_range" not in sources[0]:
             raise ValueError(f"slice {i}: a source needs 'model' and 'layer_range'")
     return slices
+
+
+def check_chat_template(template) -> None:
+    """A Jinja template (mergekit: at least 20 characters with a '{') or 'auto'; mergekit's named templates
+    (chatml, llama3, ...) are files of mergekit's, not reproduced here."""
+    if template is None or template == "auto":
+        return
+    if not isinstance(template, str) or len(template) < 20 or "{" not in template:
+        raise ValueError(f"chat_template {template!r}: give the Jinja template itself (or 'auto' to keep the "
+                         "source's); mergekit's named templates (chatml, llama3, ...) are not shipped with expand")
 
 
 def recipe_model_names(recipe: str | Path | Mapping) -> list[str]:
     """The models a recipe's slices read, in order of first use."""
     slices = _validate(read_recipe(recipe))
-    return list(dict.fromkeys(s["sources"][0]["model"] for s in slices))
+    return list(dict.fromkeys(str(s["sources"][0]["model"]) for s in slices))
 
 
 def plan_from_recipe(recipe: str | Path | Mapping, num_layers: int | Mapping[str, int] | None = None) -> LayerPlan:
@@ -131,13 +232,14 @@ def plan_from_recipe(recipe: str | Path | Mapping, num_layers: int | Mapping[str
     no biases and drops them from its output; here they are kept and scaled like their weights)."""
     data = read_recipe(recipe)
     slices = _validate(data)
-    models = list(dict.fromkeys(s["sources"][0]["model"] for s in slices))
+    dtype, out_dtype = _check_dtype(data, "dtype"), _check_dtype(data, "out_dtype")
+    models = list(dict.fromkeys(str(s["sources"][0]["model"]) for s in slices))
     counts = _layer_counts(models, num_layers)
     single = len(models) == 1
     plan_slots: list[Slot] = []
     for i, slice_ in enumerate(slices):
         source = slice_["sources"][0]
-        model = source["model"]
+        model = str(source["model"])
         start, stop = _layer_range(source["layer_range"], counts[model], i)
         n = stop - start
         for offset, layer in enumerate(range(start, stop)):
@@ -157,17 +259,20 @@ def plan_from_recipe(recipe: str | Path | Mapping, num_layers: int | Mapping[str
         if factor is not None and factor != 1.0:
             outer.append((ours, factor))
     description = recipe if isinstance(recipe, (str, Path)) else "recipe"
+    tokenizer = str(data["base_model"]) if data.get("tokenizer_source") == "base" else None
     return LayerPlan(
         tuple(plan_slots), counts[models[0]] if single else max(counts.values()), tuple(outer),
-        embed_model=None if single else first["sources"][0]["model"],
-        head_model=None if single else last["sources"][0]["model"],
-        dtype=data.get("dtype"), out_dtype=data.get("out_dtype"), description=str(description),
-        models=() if single else tuple(models),
+        embed_model=None if single else str(first["sources"][0]["model"]),
+        head_model=None if single else str(last["sources"][0]["model"]),
+        dtype=dtype, out_dtype=out_dtype, description=str(description),
+        models=() if single else tuple(models), tokenizer_model=tokenizer,
+        chat_template=data.get("chat_template"),
     )
 
 
 def _layer_range(value, count: int, index: int) -> tuple[int, int]:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         raise ValueError(f"slice {index}: layer_range must be [start, end], got {value!r}")
     start, stop = value
     if not 0 <= start < stop <= count:
@@ -181,7 +286,8 @@ def _layer_range(value, count: int, index: int) -> tuple[int, int]:
 def _layer_counts(models: list[str], num_layers) -> dict[str, int]:
     if isinstance(num_layers, int):
         if len(models) > 1:
-            raise ValueError(f"the recipe names {len(models)} models; pass num_layers as a mapping name -> count")
+            raise ValueError(f"the recipe names {len(models)} models ({', '.join(models)}); pass num_layers as a "
+                             "mapping name -> count, or leave it out to read each model's config")
         return {models[0]: num_layers}
     if isinstance(num_layers, Mapping):
         missing = [m for m in models if m not in num_layers]
@@ -196,8 +302,9 @@ def _layer_counts(models: list[str], num_layers) -> dict[str, int]:
             counts[model] = read_config(model).num_hidden_layers
         except FileNotFoundError as e:
             raise ValueError(
-                f"recipe model {model!r} is not a local model, so its layer count is unknown: pass the model "
-                "(CLI: expand depth MODEL ... maps a single-model recipe onto MODEL) or num_layers="
+                f"recipe model {model!r} is not a local model, so its layer count is unknown: fix its path in "
+                "the recipe (for a single-model recipe, expand depth MODEL ... applies it to MODEL), or pass "
+                "num_layers="
             ) from e
     return counts
 
