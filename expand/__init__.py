@@ -17,11 +17,12 @@ from expand.surgery.grow import (apply_depth, depth_model, depth_to_disk, grow_t
 from expand.surgery.layerspec import parse_layer_spec
 from expand.surgery.plan import LayerPlan, llama_pro_plan, plan_from_layer_spec, with_identity, with_slot_scale
 from expand.surgery.recipe import plan_from_recipe
+from expand.text import shipped_text, token_batch
 
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "HealOptions", "LayerPlan", "Llama", "Model", "Provenance",
     "RopeScaling", "ablate", "apply_depth", "check", "depth_model", "depth_to_disk", "forward", "generate", "heal",
     "llama_pro_plan", "load", "load_tokenizer", "param_count", "parse_layer_spec", "plan_from_layer_spec",
     "plan_from_recipe", "read_config", "save", "widen", "widen_model", "widen_to_disk", "grow_to_disk",
-    "with_identity", "with_slot_scale",
+    "shipped_text", "token_batch", "with_identity", "with_slot_scale",
 ]

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,8 @@ def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = 
           num_sequences: int = 4) -> Report:
     """Compare a candidate with its base on one token batch.
 
-    base: a Model or path. candidate: a Model, a path, a LayerPlan or a layer spec (virtual, on the base).
+    base: a Model or path. candidate: a Model, a path, a LayerPlan or a layer spec (virtual, on the base);
+        or a mapping {name: candidate}, checked against one run of the base: returns {name: Report}.
     tokens (B, T): token ids; else `text` (default: expand's own documentation) is tokenized with the base's
         tokenizer into `num_sequences` sequences of `seq_len` tokens.
     base_run: the base's outputs from an earlier call with the same tokens (checking many candidates)."""
@@ -220,6 +222,12 @@ def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp64")
     base = base if isinstance(base, Model) else load(base)
+    if isinstance(candidate, Mapping):
+        if tokens is None:
+            tokens = token_batch(base, text, seq_len, num_sequences)
+        base_run = base_run or run_base(base, np.asarray(tokens), dtype)
+        return {key: check(base, value, tokens, dtype=dtype, base_run=base_run, name=key)
+                for key, value in candidate.items()}
     cand = as_candidate(base, candidate, name)
     check_compatible(base, cand)
     if tokens is None:
