@@ -112,7 +112,25 @@ def test_importance_matches_numpy(model, tokens):
 def test_correlations_are_reported_for_deletions(delete_one):
     assert set(delete_one.correlations) == {"angular_distance_n1 vs mean_kl", "angular_distance_n1 vs loss_increase",
                                             "block_influence vs mean_kl", "block_influence vs loss_increase"}
-    assert all(-1 <= v <= 1 for v in delete_one.correlations.values())
+    from scipy.stats import spearmanr
+
+    measured = {"mean_kl": [r["mean_kl"] for r in delete_one.rows],
+                "loss_increase": [r["loss"] - delete_one.base["loss"] for r in delete_one.rows]}
+    scores = {"block_influence": delete_one.importance["block_influence"],
+              "angular_distance_n1": delete_one.importance["angular_distance"][1]}
+    for key, rho in delete_one.correlations.items():
+        score, effect = key.split(" vs ")
+        assert rho == pytest.approx(spearmanr(scores[score], measured[effect]).statistic, abs=1e-12)
+
+
+def test_spearman_is_the_pearson_correlation_of_ranks():
+    from expand.ablate import spearman
+
+    x = np.random.default_rng(3).normal(size=40)
+    y = x + np.random.default_rng(4).normal(size=40)
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))  # no ties in continuous draws
+    assert spearman(x, y) == pytest.approx(np.corrcoef(rx, ry)[0, 1], abs=1e-12)
+    assert spearman(x, x) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
 
 
 def test_prune_greedy_removes_the_measured_least_harmful_layer(model, tokens, delete_one):
