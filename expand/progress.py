@@ -1,5 +1,6 @@
-"""Progress for long work, on stderr: a live bar on a terminal; elsewhere (a log, a pipe, CI) a plain line
-every PLAIN_INTERVAL seconds, so a run that takes minutes is never silent."""
+"""Progress for long work, on stderr: a live bar on a terminal; in a log, a pipe or CI a plain line every
+PLAIN_INTERVAL seconds, so a run that takes minutes is never silent; nothing in a notebook, whose cell shows
+that it runs (and whose saved outputs should hold results, not progress lines)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ PLAIN_INTERVAL = 15.0
 @contextlib.contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
     """Yield `advance(n=1)`; the bar disappears when done."""
+    if console.is_jupyter:
+        yield lambda n=1: None
+        return
     if not console.is_terminal:
         with plain_progress(description, total) as advance:
             yield advance
