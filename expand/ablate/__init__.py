@@ -41,6 +41,7 @@ from expand.ablate.evaluate import (METRICS, EvalSet, Trunk, batch_size_for, eva
                                     variant_logits)
 from expand.ablate.importance import correlations, importance, spearman
 from expand.ablate.plots import plot_all, plot_effects, plot_importance, plot_pruning, plot_window_grid
+from expand.ablate.spread import bootstrap
 from expand.ablate.sweeps import KINDS, Sweep, fixed_variants, parse_sweep, plan_of, removal_path, window_layers
 from expand.ablate.table import Table
 from expand.container import Model
@@ -56,7 +57,7 @@ __all__ = ["KINDS", "METRICS", "EvalSet", "Sweep", "Table", "Trunk", "ablate", "
 
 def _row(name: str, plan: LayerPlan, metrics: dict, keep: Sequence[str]) -> dict:
     return {"name": name, "layer_spec": plan.description, "depth": plan.num_layers,
-            **{k: v for k, v in metrics.items() if k in keep}}
+            **{k: v for k, v in metrics.items() if k in keep or k == "windows"}}
 
 
 def _measure_base(model: Model, eval_tokens, batch_size, blocks, metrics) -> tuple[EvalSet, dict, dict]:
@@ -64,7 +65,8 @@ def _measure_base(model: Model, eval_tokens, batch_size, blocks, metrics) -> tup
     n = model.config.num_hidden_layers
     evals = eval_set(model, eval_tokens, batch_size)
     base = evaluate(model, evals, plan_of(range(n), n))
-    return evals, {"depth": n, **{k: v for k, v in base.items() if k in metrics}}, importance(model, evals, blocks)
+    base = {"depth": n, **{k: v for k, v in base.items() if k in metrics or k == "windows"}}
+    return evals, base, importance(model, evals, blocks)
 
 
 def ablate(model: Model, sweep, eval_tokens: np.ndarray, metrics: Sequence[str] = METRICS,
@@ -107,10 +109,13 @@ def ablate(model: Model, sweep, eval_tokens: np.ndarray, metrics: Sequence[str] 
             for name, plan, fields in variants:
                 rows.append(_row(name, plan, evaluate(model, evals, plan), metrics) | fields)
                 advance()
+    row_intervals, correlation_intervals = bootstrap(parsed, scores, rows, base)
+    for row, interval in zip([base, *rows], row_intervals):
+        row["ci"] = interval
     return Table(model=str(model.source), sweep=parsed.label, tokens=evals.shape, base=base, rows=rows,
                  importance=scores, correlations=correlations(parsed, scores, rows, base),
                  compilations=TRACE_COUNTS["forward"] - traces,
-                 lengths=sorted({n} | {row["depth"] for row in rows}))
+                 lengths=sorted({n} | {row["depth"] for row in rows}), correlation_intervals=correlation_intervals)
 
 
 def nan_last(value: float) -> float:

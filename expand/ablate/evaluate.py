@@ -92,26 +92,28 @@ def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan,
                    slot_scales=plan.slot_scales(), resume=(jnp.int32(k), trunk.hidden[batch][k]))
 
 
-def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None = None) -> dict[str, float]:
-    """The metrics of one variant (see the module docstring), accumulated over the eval batches; the variant
-    starts from the trunk (default: the base) where it departs from it. `finite` is False when any logit of
-    the variant or the base is NaN or inf; its metrics are then NaN (never a number that looks fine)."""
-    nll = kl = agree = 0.0
-    delta, positions, targets, finite = 0.0, 0, 0, True
+def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None = None) -> dict:
+    """The metrics of one variant (see expand.ablate), over the eval sequences; the variant starts from the
+    trunk (default: the base) where it departs from it. `windows` holds loss, mean_kl and top1 of each eval
+    sequence (all of one length, so each metric is the mean of its windows; the bootstrap resamples them).
+    `finite` is False when any logit of the variant or the base is NaN or inf; its metrics are then NaN
+    (never a number that looks fine)."""
+    windows: dict[str, list[np.ndarray]] = {"loss": [], "mean_kl": [], "top1": []}
+    delta, finite = 0.0, True
     for batch, (tokens, base_logits) in enumerate(zip(evals.batches, evals.base_logits)):
         logits = variant_logits(model, evals, batch, plan, trunk)
         stats = jax.device_get(compare_logits(base_logits, logits, tokens))
         finite = finite and bool(stats["finite"].all())
-        nll += float(stats["nll"].sum(dtype=np.float64))
-        kl += float(stats["kl"].sum(dtype=np.float64))
-        agree += float(stats["agree"].sum())
+        windows["loss"].append(stats["nll"].astype(np.float64).mean(axis=1))
+        windows["mean_kl"].append(stats["kl"].astype(np.float64).mean(axis=1))
+        windows["top1"].append(stats["agree"].mean(axis=1, dtype=np.float64))
         delta = max(delta, float(stats["max_abs_delta"].max()))
-        positions += stats["kl"].size
-        targets += stats["nll"].size
-    loss = nll / targets if finite else math.nan
-    measured = {"loss": loss, "ppl": math.exp(loss), "mean_kl": kl / positions, "top1": agree / positions,
-                "max_abs_logit_delta": delta}
+    per_window = {name: np.concatenate(values) for name, values in windows.items()}
+    measured = {name: float(values.mean()) for name, values in per_window.items()}
+    measured = {"loss": measured["loss"], "ppl": math.exp(measured["loss"]), "mean_kl": measured["mean_kl"],
+                "top1": measured["top1"], "max_abs_logit_delta": delta}
     if not finite:
         measured = {name: math.nan for name in measured}
+        per_window = {name: np.full_like(values, np.nan) for name, values in per_window.items()}
     return {**measured, "params": param_count(model.config.replace(num_hidden_layers=plan.num_layers)),
-            "finite": finite}
+            "finite": finite, "windows": {name: values.tolist() for name, values in per_window.items()}}

@@ -11,8 +11,9 @@ from expand.ablate.evaluate import METRICS
 
 @dataclasses.dataclass
 class Table:
-    """An ablation's results: one row per variant (name, layer_spec, depth and the metrics), the base's
-    row, importance scores, the rank correlations of scores with measured effects, and compile count."""
+    """An ablation's results: one row per variant (name, layer_spec, depth, the metrics, their values per
+    eval window and their 95% bootstrap intervals `ci`), the base's row, importance scores, the rank
+    correlations of scores with measured effects (and their bootstrap intervals), and compile count."""
 
     model: str
     sweep: str
@@ -23,6 +24,7 @@ class Table:
     correlations: dict
     compilations: int
     lengths: list[int]
+    correlation_intervals: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -48,10 +50,14 @@ class Table:
         (directory / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
         fields = [k for k in ("layer", "width", "stride", "removed", "candidates") if k in self.rows[0]]
         scores = list(self.scores_of(self.rows[0]))
-        columns = ["name", "layer_spec", "depth", *fields, *[m for m in METRICS if m in self.rows[0]], *scores]
+        spread = [f"{m}_{end}" for m in self.rows[0].get("ci", {}) for end in ("low", "high")]
+        columns = ["name", "layer_spec", "depth", *fields, *[m for m in METRICS if m in self.rows[0]], *spread,
+                   *scores]
         lines = [",".join(columns)]
         for row in [{"name": "base", "layer_spec": "all", "depth": self.base["depth"], **self.base}, *self.rows]:
-            row = {**row, **self.scores_of(row)}
+            intervals = {f"{m}_{end}": value for m, pair in row.get("ci", {}).items()
+                         for end, value in zip(("low", "high"), pair)}
+            row = {**row, **intervals, **self.scores_of(row)}
             lines.append(",".join(_csv_cell(row.get(c, "")) for c in columns))
         (directory / "results.csv").write_text("\n".join(lines) + "\n")
         return ["results.json", "results.csv", *plot_all(self, directory)]
