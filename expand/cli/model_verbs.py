@@ -72,7 +72,7 @@ def cmd_convert(args) -> int:
         raise ValueError("--dtype q8_0 is a GGUF quantization: add --format gguf")
     model = io.load(args.src, dtype=parse_dtype(args.dtype))
     io.save(args.out, model.config, model.params, tokenizer_from=model, format=args.format,
-            overwrite=args.force, provenance=model.provenance)
+            overwrite=args.force, provenance=model.lineage())
     console.print(Text(f"wrote {args.out} ({args.format}, {args.dtype}, {param_count(model.config):,} parameters)"))
     return 0
 
