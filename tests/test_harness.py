@@ -102,7 +102,7 @@ def test_virtual_plan_matches_hf_backend_on_materialized_model(tiny_lm, tmp_path
 
 def test_smollm2_depth_plan_matches_hf_backend(smollm2, tmp_path):
     """SmolLM2 grown 30 -> 40 layers (0:20,10:30), run virtually, against the HF backend on the written model;
-    8 questions (32 requests) and 2 documents."""
+    8 questions (32 requests) and the 8 documents."""
     plan = expand.plan_from_layer_spec("0:20,10:30", 30)
     ours = evaluate(smollm2, {"plan": plan}, TASKS, include_path=DATA, limit=8, log_samples=True,
                     bootstrap_iters=0)["plan"]
