@@ -20,7 +20,6 @@ Right padding needs no attention mask: attention is causal, so a real token neve
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 from typing import Sequence
 
@@ -37,8 +36,6 @@ from expand.container import Model
 from expand.model import TRACE_COUNTS, forward
 from expand.params import param_count
 from expand.progress import progress_bar
-
-logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 16
 
@@ -88,13 +85,13 @@ class ExpandLM(TemplateLM):
     def __init__(self, model: Model | str = "smollm2", plan=None, tokenizer=None, batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
                  pretrained: str | None = None, layer_spec: str | None = None, recipe: str | None = None,
-                 llama_pro: int | None = None, **ignored):
+                 llama_pro: int | None = None, device: str | None = None, max_batch_size: int | None = None):
+        """device and max_batch_size are accepted because lm-eval passes them to every backend; JAX places
+        the arrays itself and the batch size is fixed."""
         super().__init__()
         from expand import io
         from expand.surgery.request import plan_from_options
 
-        if ignored:  # lm-eval passes device / max_batch_size to every backend; JAX places the arrays itself
-            logger.info("ExpandLM ignores %s", sorted(ignored))
         if pretrained is not None:
             model = pretrained
         self.model = model if isinstance(model, Model) else io.load(model)
@@ -231,8 +228,9 @@ class ExpandLM(TemplateLM):
                 if new_tokens >= self.max_length:
                     raise ValueError(f"max_gen_toks {new_tokens} leaves no room for a prompt in max_length "
                                      f"{self.max_length}")
-                sampling = dict(temperature=float(options.get("temperature") or 0.0) if options.get("do_sample")
-                                else 0.0, top_p=float(options.get("top_p") or 1.0))
+                temperature = options.get("temperature")
+                sampling = dict(temperature=(1.0 if temperature is None else float(temperature))
+                                if options.get("do_sample") else 0.0, top_p=float(options.get("top_p") or 1.0))
                 prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=self.max_length - new_tokens)
                            for i in indices}
                 order = sorted(indices, key=lambda i: -len(prompts[i]))

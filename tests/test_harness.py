@@ -216,3 +216,21 @@ def test_cli_bad_input_is_a_clear_error(tiny_lm, args, message, capsys):
 
     assert main(["eval", str(tiny_lm), "--include-path", str(DATA), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_on_a_mesh_equals_one_device(tiny_lm, tmp_path):
+    """--mesh fsdp=2,tp=2 on 4 simulated CPU devices: the same scores as one device."""
+    args = ["eval", str(tiny_lm), "--layer-spec", "0:2,1:4", "--tasks", "expand_mc,expand_text", "--include-path",
+            str(DATA), "--limit", "4", "--bootstrap-iters", "0"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    scores = {}
+    for name, extra in (("one", []), ("mesh", ["--mesh", "fsdp=2,tp=2"])):
+        out = tmp_path / f"{name}.json"
+        result = subprocess.run([sys.executable, "-m", "expand", *args, *extra, "--output", str(out)], cwd=ROOT,
+                                env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scores[name] = json.loads(out.read_text())["results"]
+    assert scores["mesh"]["expand_mc"]["acc,none"] == scores["one"]["expand_mc"]["acc,none"]
+    assert scores["mesh"]["expand_mc"]["acc_norm,none"] == scores["one"]["expand_mc"]["acc_norm,none"]
+    np.testing.assert_allclose(scores["mesh"]["expand_text"]["bits_per_byte,none"],
+                               scores["one"]["expand_text"]["bits_per_byte,none"], rtol=1e-5)
