@@ -17,7 +17,9 @@ EVAL_HELP = f"""{LAYER_SPEC_HELP}
 
 Tasks: any task lm-eval knows (`lm_eval ls tasks`), or local ones: a directory of task YAMLs given with
 --include-path (a YAML with `dataset_path: json` and `dataset_kwargs: {{data_files: {{test: FILE}}}}` needs no
-hub). Set HF_DATASETS_OFFLINE=1 to be sure nothing is fetched."""
+hub; FILE is read relative to the working directory, so the tasks in tests/data/lm_eval load their JSONL
+with a `custom_dataset` function beside the YAMLs instead). Set HF_DATASETS_OFFLINE=1 to be sure nothing is
+fetched."""
 
 
 def import_harness():
