@@ -13,10 +13,10 @@ import sys
 from rich.console import Console
 from rich.text import Text
 
-from expand.cli import heal_verb, measure_verbs, model_verbs, surgery_verbs
+from expand.cli import eval_verb, heal_verb, measure_verbs, model_verbs, surgery_verbs
 from expand.cli.options import HelpFormatter, join_negative_values
 
-VERB_MODULES = (model_verbs, surgery_verbs, measure_verbs, heal_verb)
+VERB_MODULES = (model_verbs, surgery_verbs, measure_verbs, heal_verb, eval_verb)
 
 
 def build_parser() -> argparse.ArgumentParser:

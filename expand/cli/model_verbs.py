@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
@@ -62,10 +63,29 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     io.refuse_same_path(io.resolve(args.src), args.out)
     io.refuse_existing(args.out, args.force)
+    if (args.format == "gguf") != args.out.endswith(".gguf"):
+        raise ValueError(f"OUT {args.out}: a GGUF file is written with --format gguf to a name ending in .gguf; "
+                         "other formats write a directory")
+    if args.format == "gguf":
+        return convert_to_gguf(args)
+    if args.dtype == "q8_0":
+        raise ValueError("--dtype q8_0 is a GGUF quantization: add --format gguf")
     model = io.load(args.src, dtype=parse_dtype(args.dtype))
     io.save(args.out, model.config, model.params, tokenizer_from=model, format=args.format,
-            overwrite=args.force, provenance=model.provenance)
+            overwrite=args.force, provenance=model.lineage())
     console.print(Text(f"wrote {args.out} ({args.format}, {args.dtype}, {param_count(model.config):,} parameters)"))
+    return 0
+
+
+def convert_to_gguf(args) -> int:
+    from expand.io.gguf_writer import GGUF_DTYPES, write_gguf
+
+    if args.dtype not in GGUF_DTYPES:
+        raise ValueError(f"--format gguf writes --dtype {', '.join(GGUF_DTYPES)}, not {args.dtype!r}")
+    model = io.load(args.src)
+    write_gguf(args.out, model.config, model.params, model, dtype=args.dtype,
+               name=Path(str(model.source)).name, overwrite=args.force)
+    console.print(Text(f"wrote {args.out} (gguf, {args.dtype}, {param_count(model.config):,} parameters)"))
     return 0
 
 
@@ -98,11 +118,14 @@ def register(verbs) -> None:
     add_mesh_options(p)
     p.set_defaults(run=cmd_generate)
 
-    p = verb(verbs, "convert", "GGUF / HF / orbax -> an HF or orbax directory")
+    p = verb(verbs, "convert", "GGUF / HF / orbax -> an HF or orbax directory, or a GGUF file for llama.cpp")
     p.add_argument("src", help=MODEL_HELP)
-    p.add_argument("out", help="the directory to write (must not exist, unless --force)")
-    p.add_argument("--format", choices=("hf", "orbax"), default="hf", help="hf: safetensors + config.json; "
-                   "orbax: an orbax checkpoint that expand loads")
-    p.add_argument("--dtype", default="fp32", help="the dtype the weights are written in")
+    p.add_argument("out", help="the directory (or with --format gguf, the .gguf file) to write (must not exist, "
+                   "unless --force)")
+    p.add_argument("--format", choices=("hf", "orbax", "gguf"), default="hf", help="hf: safetensors + config.json; "
+                   "orbax: an orbax checkpoint that expand loads; gguf: one llama.cpp file with the tokenizer and "
+                   "chat template")
+    p.add_argument("--dtype", default="fp32", help="the dtype the weights are written in (gguf: fp32, fp16, bf16 "
+                   "or q8_0; norms stay fp32)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (never an input)")
     p.set_defaults(run=cmd_convert)

@@ -21,6 +21,7 @@ import numpy as np
 
 from expand.config import Config
 from expand.io.atomic import atomic_dir, refuse_existing, refuse_same_path
+from expand.io.card import model_card
 from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
 from expand.io.safetensors import (CODE_DTYPES, INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource,
@@ -263,7 +264,8 @@ def _write_safetensors(directory: Path, config: Config, params: Params, dtype: n
 def write_metadata(directory: Path, config: Config, dtype, tokenizer_from=None,
                    provenance: Provenance | None = None, chat_template: str | None = None) -> None:
     """Everything of an output directory but the weights: config.json, generation_config.json, the
-    tokenizer (and chat template; `chat_template` replaces the source's), and expand.json (the provenance)."""
+    tokenizer (and chat template; `chat_template` replaces the source's), expand.json (the provenance) and
+    README.md (the model card)."""
     (directory / "config.json").write_text(json.dumps(config.to_hf(dtype_name(dtype)), indent=2))
     generation = {k: v for k, v in config.to_hf().items()
                   if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None}
@@ -274,6 +276,10 @@ def write_metadata(directory: Path, config: Config, dtype, tokenizer_from=None,
         set_chat_template(directory, chat_template)
     if provenance is not None:
         provenance.write(directory)
+    has_template = (directory / "chat_template.jinja").exists() or "chat_template" in json.loads(
+        (directory / "tokenizer_config.json").read_text() if (directory / "tokenizer_config.json").exists() else "{}")
+    name = directory.name.split(".tmp-")[0].lstrip(".")
+    (directory / "README.md").write_text(model_card(name, config, dtype_name(dtype), provenance, has_template))
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------
