@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, eval_tokens,
-                                load_on_mesh, verb)
+from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, claim_output,
+                                eval_tokens, load_on_mesh, verb)
 from expand.report import console, format_value, print_reports, print_table
 
 
@@ -39,10 +39,9 @@ def cmd_check(args) -> int:
 
 def cmd_ablate(args) -> int:
     from expand.ablate import METRICS, ablate, parse_sweep
-    from expand.io.atomic import atomic_dir, refuse_existing
+    from expand.io.atomic import atomic_dir
 
-    if args.out:
-        refuse_existing(args.out, args.force)
+    inputs = claim_output(args.out, args, args.model) if args.out else []
     model = load_on_mesh(args.model, args)
     parse_sweep(args.sweep, model.config.num_hidden_layers)  # refuse a bad sweep before tokenizing or computing
     tokens = eval_tokens(model, args)
@@ -55,7 +54,7 @@ def cmd_ablate(args) -> int:
     console.print(Text(f"{len(table.rows)} variants, {table.compilations} compilations of the forward "
                        f"(lengths {table.lengths})"))
     if args.out:
-        with atomic_dir(args.out, args.force) as tmp:
+        with atomic_dir(args.out, args.force, inputs=inputs) as tmp:
             written = table.write(tmp)
         console.print(Text(f"written to {args.out}/: {', '.join(written)}"))
     return 0
@@ -64,6 +63,7 @@ def cmd_ablate(args) -> int:
 def cmd_demo(args) -> int:
     from expand.demo import run_demo
 
+    claim_output(args.out, args, "smollm2")
     return run_demo(args.out, overwrite=args.force, seq_len=args.seq_len, num_sequences=args.num_sequences)
 
 

@@ -9,8 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_mesh_options, depth_plan, load_on_mesh, parse_dtype,
-                                verb)
+from expand.cli.options import (LAYER_SPEC_HELP, add_mesh_options, claim_output, depth_plan, load_on_mesh,
+                                parse_dtype, verb)
 from expand.params import param_count
 from expand.report import console
 
@@ -60,11 +60,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    io.refuse_same_path(io.resolve(args.src), args.out)
-    io.refuse_existing(args.out, args.force)
+    inputs = claim_output(args.out, args, args.src)
     model = io.load(args.src, dtype=parse_dtype(args.dtype))
     io.save(args.out, model.config, model.params, tokenizer_from=model, format=args.format,
-            overwrite=args.force, provenance=model.provenance)
+            overwrite=args.force, provenance=model.provenance, inputs=inputs)
     console.print(Text(f"wrote {args.out} ({args.format}, {args.dtype}, {param_count(model.config):,} parameters)"))
     return 0
 

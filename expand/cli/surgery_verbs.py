@@ -7,8 +7,8 @@ from rich.table import Table
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_output_options, add_plan_options, depth_plan, parse_dtype,
-                                verb)
+from expand.cli.options import (LAYER_SPEC_HELP, add_output_options, add_plan_options, claim_output, depth_plan,
+                                parse_dtype, verb)
 from expand.config import Config
 from expand.params import param_count
 from expand.report import console, format_config_float
@@ -95,12 +95,14 @@ def print_width_table(title: str, config: Config, new: Config) -> None:
 
 
 def cmd_depth(args) -> int:
-    from expand.surgery.depth import depth_to_disk
+    from expand.surgery.depth import depth_to_disk, recipe_models
 
     config = io.read_config(args.model)
     plan = depth_plan(config, args)
-    out = depth_to_disk(args.model, args.out, plan, dtype=parse_dtype(args.dtype) if args.dtype else None,
-                        max_shard_size=args.max_shard_size, overwrite=args.force)
+    claim_output(args.out, args, args.model)
+    out = depth_to_disk(args.model, args.out, plan, models=recipe_models(plan, args.model),
+                        dtype=parse_dtype(args.dtype) if args.dtype else None, max_shard_size=args.max_shard_size,
+                        overwrite=args.force)
     console.print(Text(f"wrote {out}: {plan.num_layers} layers ({plan.layer_map()}), "
                        f"{param_count(config, plan.layer_ids):,} parameters"))
     return 0
@@ -114,17 +116,19 @@ def width_options(args) -> dict:
 def cmd_widen(args) -> int:
     from expand.surgery.width import widen_to_disk, width_plan
 
+    if args.out is None and not args.dry_run:
+        raise ValueError("give OUT (or --dry-run to see the shapes only)")
     config = io.read_config(args.model)
     donor = io.read_config(args.donor) if args.donor else None
     sizes = width_request(config, args, config.num_hidden_layers)
     plan = width_plan(config, donor=donor, **sizes, **width_options(args))
+    if not args.dry_run:
+        claim_output(args.out, args, args.model, args.donor, args.like)
     print_width_table(f"{args.model} widened ({args.mode})", config, plan.config)
     for note in unrequested_changes(config, plan.config, args):
         console.print(Text(f"note: {note}"))
     if args.dry_run:
         return 0
-    if args.out is None:
-        raise ValueError("give OUT (or --dry-run to see the shapes only)")
     widen_to_disk(args.model, args.out, donor=args.donor, dtype=parse_dtype(args.dtype) if args.dtype else None,
                   max_shard_size=args.max_shard_size, overwrite=args.force, **sizes, **width_options(args))
     console.print(Text(f"wrote {args.out}"))

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from expand.config import Config
-from expand.io.atomic import atomic_dir, refuse_existing, refuse_same_path
-from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
+from expand.config import Config, read_config_json
+from expand.io.atomic import atomic_dir, refuse_existing, refuse_overlap
+from expand.io.embedded import EMBEDDED, cache_dir, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
-from expand.io.safetensors import (CODE_DTYPES, INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource,
-                                   TensorEntry, parse_size, write_sharded)
+from expand.io.safetensors import (INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource, TensorEntry,
+                                   numpy_dtype, parse_size, write_sharded)
 from expand.io.tokenizer import gguf_tokenizer
 from expand.container import Model
 from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
@@ -32,8 +32,8 @@ from expand.progress import progress_bar
 from expand.provenance import Provenance
 
 __all__ = [
-    "CheckpointError", "load", "save", "resolve", "load_tokenizer", "open_source", "read_config",
-    "refuse_existing", "refuse_same_path", "dtype_name", "source_dtype", "validate_source", "write_metadata",
+    "CheckpointError", "load", "save", "resolve", "input_path", "load_tokenizer", "open_source", "read_config",
+    "refuse_existing", "refuse_overlap", "dtype_name", "source_dtype", "validate_source", "write_metadata",
 ]
 
 ORBAX_PARAMS = "params"
@@ -56,6 +56,14 @@ def resolve(model: str | Path) -> Path:
     return path
 
 
+def input_path(model: str | Path) -> Path:
+    """What a model argument reads, without fetching anything: an embedded model's cache folder (its GGUF
+    and tokenizer), else the path as given. For refusing outputs that would overwrite an input."""
+    if str(model) in EMBEDDED:
+        return cache_dir() / EMBEDDED[str(model)].name
+    return Path(model)
+
+
 def _kind(path: Path) -> str:
     if path.suffix == ".gguf":
         return "gguf"
@@ -74,7 +82,7 @@ def open_source(path: Path):
     if _kind(path) == "gguf":
         source = GGUFSource(path)
         return source, source.hf_config()
-    return SafetensorsSource(path), json.loads((path / "config.json").read_text())
+    return SafetensorsSource(path), read_config_json(path / "config.json")
 
 
 def read_config(model: str | Path) -> Config:
@@ -109,7 +117,8 @@ def source_dtype(source) -> np.dtype:
     """The stored dtype of a checkpoint's weights (float32 for GGUF, which is dequantized)."""
     if not isinstance(source, SafetensorsSource):
         return np.dtype(np.float32)
-    return CODE_DTYPES[source.dtype(spec_by_name("embed_tokens.weight").hf_name())]
+    name = spec_by_name("embed_tokens.weight").hf_name()
+    return numpy_dtype(source.dtype(name), f"{name} in {source.directory}")
 
 
 def stored_weight_dtype(path: Path) -> np.dtype:
@@ -119,7 +128,7 @@ def stored_weight_dtype(path: Path) -> np.dtype:
         return source_dtype(SafetensorsSource(path))
     if path.suffix == ".gguf":
         return np.dtype(np.float32)
-    d = json.loads((path / "config.json").read_text())
+    d = read_config_json(path / "config.json")
     name = d.get("dtype") or d.get("torch_dtype") or "float32"
     return np.dtype(jnp.dtype(name))
 
@@ -132,7 +141,7 @@ def checkpoint_storage(path: Path) -> tuple[str, int]:
         return stored, path.stat().st_size
     files = [*path.glob("*.safetensors"), *path.glob(f"{ORBAX_PARAMS}/**/*")]
     size = sum(f.stat().st_size for f in files if f.is_file())
-    d = json.loads((path / "config.json").read_text())
+    d = read_config_json(path / "config.json")
     return str(d.get("dtype") or d.get("torch_dtype") or "unknown"), size
 
 
@@ -191,18 +200,22 @@ def dtype_name(dtype) -> str:
 
 def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, *, format: str = "hf",
          overwrite: bool = False, provenance: Provenance | None = None, dtype=None,
-         max_shard_size: str | int = "2GB") -> Path:
+         max_shard_size: str | int = "2GB", inputs=()) -> Path:
     """Write a model as an HF directory (sharded safetensors + index, config.json, generation_config.json,
     tokenizer files) or, with format='orbax', as an orbax checkpoint with the same metadata files.
 
     tokenizer_from: a model path / embedded name / tokenizer object whose tokenizer (and chat template)
-    is saved alongside. The write goes to a temporary sibling and is renamed into place; an existing
-    `path` is replaced only with overwrite=True."""
+    is saved alongside. The write goes to a temporary sibling and is renamed into place (`atomic_dir`); an
+    existing `path` is replaced only with overwrite=True, and never when it is, lies inside or contains
+    `tokenizer_from` or any of `inputs` (paths the caller read)."""
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+    source = tokenizer_from.source if isinstance(tokenizer_from, Model) else tokenizer_from
+    inputs = [*inputs, *([input_path(source)] if isinstance(source, (str, Path)) else [])]
+    refuse_overlap(path, inputs)
     check_params(config, params)
     dtype = np.dtype(dtype or params["embed_tokens.weight"].dtype)
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, inputs=inputs) as tmp:
         if format == "hf":
             _write_safetensors(tmp, config, params, dtype, parse_size(max_shard_size))
         else:
@@ -292,6 +305,19 @@ def _read_orbax(directory: Path, config: Config, dtype, placement: Placement) ->
         spec.name: jax.ShapeDtypeStruct(spec.shape(config), dtype, sharding=placement(spec, spec.shape(config)))
         for spec in tensor_specs(config)
     }
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore((directory / ORBAX_PARAMS).absolute(), nest(target))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore((directory / ORBAX_PARAMS).absolute(), nest(target))
+    except Exception as e:  # orbax and tensorstore raise ValueError, OSError or bare Exception on damaged files
+        raise CheckpointError(
+            f"{directory} is not a readable orbax checkpoint ({_first_line(e)}); re-create it from the "
+            f"checkpoint it was made from (expand convert SRC {directory} --format orbax --force)") from e
     return flatten(restored)
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    """The gist of a long library error: its first line, before any dump of the tensorstore spec."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for marker in (" See full TensorStore", " [tensorstore_spec", "[source locations"):
+        text = text.split(marker)[0]
+    return text if len(text) <= limit else text[:limit] + "..."

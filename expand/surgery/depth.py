@@ -14,7 +14,7 @@ import numpy as np
 
 from expand.config import Config
 from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
-from expand.io.atomic import atomic_dir, refuse_same_path
+from expand.io.atomic import atomic_dir, refuse_overlap
 from expand.io.safetensors import TensorEntry, parse_size, write_sharded
 from expand.container import Model
 from expand.numerics import scale_rounded
@@ -108,7 +108,8 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
 
     dtype: output dtype (default: the recipe's out_dtype or dtype, else the source's)."""
     path = resolve(model)
-    refuse_same_path(path, out)
+    inputs = [path, *(resolve(other) for other in (models or {}).values())]
+    refuse_overlap(out, inputs)
     source, hf_config = open_source(path)
     config = Config.from_hf(hf_config)
     validate_source(config, source)
@@ -147,7 +148,7 @@ def depth_to_disk(model: str | Path, out: str | Path, plan: LayerPlan, *, models
 
     provenance = Provenance.read(path) if path.is_dir() else None
     provenance = plan.lineage_after(provenance or Provenance.identity(config, str(model)))
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=inputs) as tmp:
         with progress_bar(f"writing {Path(out).name}", total=len(entries)) as advance:
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
         write_metadata(tmp, new_config, out_dtype, model, provenance)

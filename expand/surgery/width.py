@@ -50,7 +50,7 @@ import numpy as np
 
 from expand.config import Config
 from expand.io import open_source, resolve, source_dtype, validate_source, write_metadata
-from expand.io.atomic import atomic_dir, refuse_same_path
+from expand.io.atomic import atomic_dir, refuse_overlap
 from expand.io.safetensors import TensorEntry, parse_size, write_sharded
 from expand.container import Model
 from expand.numerics import accumulation_dtype, scale_rounded
@@ -397,7 +397,8 @@ def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | i
     """`widen` from checkpoint to checkpoint, one output tensor (one layer) at a time: each is read from
     the base (and donor), grown and written before the next is read. Same values as `widen` in memory."""
     path = resolve(model)
-    refuse_same_path(path, out)
+    inputs = [path, *([resolve(donor)] if donor is not None else [])]
+    refuse_overlap(out, inputs)
     source, hf = open_source(path)
     config = Config.from_hf(hf)
     validate_source(config, source)
@@ -427,7 +428,7 @@ def widen_to_disk(model, out, *, donor=None, dtype=None, max_shard_size: str | i
     out_dtype = out_dtype or source_dtype(source)
     entries = [TensorEntry(name, spec.hf_shape(plan.config), out_dtype) for name, (spec, _) in jobs.items()]
     provenance = (Provenance.read(path) if path.is_dir() else None) or Provenance.identity(config, str(model))
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=inputs) as tmp:
         with progress_bar(f"widening into {Path(out).name}", total=len(entries)) as advance:
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
         write_metadata(tmp, plan.config, out_dtype, model, provenance.with_operation(plan.to_json()))
