@@ -89,9 +89,18 @@ class Config:
     # ---- HF config.json ------------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> Config:
+    def from_hf(cls, d: dict[str, Any], where: str | Path | None = None) -> Config:
         """Read a transformers config dict (4.x or 5.x spelling); refuse what the model does not implement,
-        and a missing or malformed required field (ConfigError naming it)."""
+        and a missing or malformed required field (ConfigError naming it, and the file `where` it came from)."""
+        try:
+            return cls._from_hf(d)
+        except ConfigError as e:
+            if where is None:
+                raise
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, d: dict[str, Any]) -> Config:
         if not isinstance(d, dict):
             raise ConfigError(f"a config is a JSON object, not a {type(d).__name__}")
         model_type = _architecture(d)
@@ -169,11 +178,7 @@ class Config:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        d = read_config_json(path)
-        try:
-            return cls.from_hf(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        return cls.from_hf(read_config_json(path), where=path)
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config, read_config_json
-from expand.io.atomic import atomic_dir, refuse_existing, refuse_overlap
+from expand.io.atomic import NoSpaceError, atomic_dir, is_disk_full, refuse_existing, refuse_overlap
 from expand.io.embedded import EMBEDDED, cache_dir, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
 from expand.io.safetensors import (INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource, TensorEntry,
@@ -78,18 +78,23 @@ def _kind(path: Path) -> str:
 
 
 def open_source(path: Path):
-    """The tensor source (HF names and layout, read lazily) and HF config dict of a checkpoint."""
+    """The tensor source (HF names and layout, read lazily) and HF config dict of a checkpoint, the config
+    checked first (a ConfigError names the file), then every safetensors header."""
     if _kind(path) == "gguf":
         source = GGUFSource(path)
-        return source, source.hf_config()
-    return SafetensorsSource(path), read_config_json(path / "config.json")
+        hf_config = source.hf_config()
+        Config.from_hf(hf_config, where=path)
+        return source, hf_config
+    hf_config = read_config_json(path / "config.json")
+    Config.from_hf(hf_config, where=path / "config.json")
+    return SafetensorsSource(path), hf_config
 
 
 def read_config(model: str | Path) -> Config:
     """The Config of a model, reading no weights (a directory holding only config.json is enough)."""
     path = resolve(model)
     if path.suffix == ".gguf":
-        return Config.from_hf(GGUFSource(path).hf_config())
+        return Config.from_hf(GGUFSource(path).hf_config(), where=path)
     return Config.from_file(path)
 
 
@@ -291,11 +296,19 @@ def save_tokenizer(tokenizer_from, directory: Path) -> None:
 
 
 def _write_orbax(directory: Path, params: Params) -> None:
+    """An orbax checkpoint of `params` in directory/params; a full disk is NoSpaceError with the bytes of the
+    uncompressed arrays (an upper bound: orbax compresses)."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((directory / ORBAX_PARAMS).absolute(), nest(params))
-        checkpointer.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save((directory / ORBAX_PARAMS).absolute(), nest(params))
+            checkpointer.wait_until_finished()
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        needed = sum(value.nbytes for value in params.values())
+        raise NoSpaceError(f"{directory} ran out of space; the arrays are {needed:,} bytes uncompressed", needed) from e
 
 
 def _read_orbax(directory: Path, config: Config, dtype, placement: Placement) -> Params:
@@ -315,9 +328,12 @@ def _read_orbax(directory: Path, config: Config, dtype, placement: Placement) ->
     return flatten(restored)
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
-    """The gist of a long library error: its first line, before any dump of the tensorstore spec."""
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The gist of a long library error: the first line of its root cause, before any dump of the
+    tensorstore spec."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    for marker in (" See full TensorStore", " [tensorstore_spec", "[source locations"):
+    for marker in (" See full TensorStore", " [tensorstore_spec", " [source locations"):
         text = text.split(marker)[0]
     return text if len(text) <= limit else text[:limit] + "..."

@@ -65,9 +65,8 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def _chain(path: str | Path) -> list[tuple[int, int]]:
     """(device, inode) of `path` and of each of its existing ancestors, as written and with symlinks
     resolved; the first entry is the path itself (None when it does not exist)."""
-    forms = [Path(os.path.abspath(path)), Path(os.path.realpath(path))]
-    chain = [_identity(forms[0])]
-    for form in forms:
+    chain = [_identity(Path(path))]
+    for form in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
         for ancestor in form.parents:
             ident = _identity(ancestor)
             if ident is not None and ident not in chain:
@@ -123,8 +122,13 @@ class _Claim:
 _claims: dict[str, _Claim] = {}
 
 
-def _key(path: Path) -> str:
-    return os.path.join(os.path.realpath(path.parent), path.name)
+def _normal(path: str | Path) -> Path:
+    """An output path with its folder's symlinks resolved (and a trailing `.` or `..` taken as the kernel
+    does); the output itself, if a symlink, stays one, and is what gets replaced."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _lock(path: Path) -> tuple[int, Path]:
@@ -169,9 +173,9 @@ def claim_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str
     """Make `path` this run's output: refuse an overlap with `inputs`, take its lock (OutputExistsError if
     another live run holds it), clean up after dead runs, and refuse an existing output unless `overwrite`.
     Claims nest within a process; each must be matched by `release_output` (or `release_all`)."""
-    path = Path(path)
     refuse_overlap(path, inputs)
-    key = _key(path)
+    path = _normal(path)
+    key = str(path)
     if key not in _claims:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, lock = _lock(path)
@@ -205,7 +209,7 @@ def _release(key: str) -> None:
 
 def release_output(path: str | Path) -> None:
     """Undo one `claim_output(path)`; the last one unlocks (and removes the lock file)."""
-    key = _key(Path(path))
+    key = str(_normal(path))
     if key in _claims:
         _claims[key].count -= 1
         if _claims[key].count <= 0:
@@ -317,7 +321,8 @@ def _tree_bytes(root: Path) -> int:
                if not os.path.islink(os.path.join(d, f)))
 
 
-def _is_disk_full(error: BaseException | None) -> bool:
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is a full disk, as OSError or as a library's message."""
     while error is not None:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left on device" in str(error):
             return True
@@ -325,11 +330,12 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
-def _disk_full(path: Path, tmp: Path, error: BaseException) -> NoSpaceError:
+def _disk_full(path: Path, written: int, error: BaseException) -> NoSpaceError:
+    """The error for a write of `path` that filled the disk after `written` bytes (its temporary removed)."""
     needed = getattr(error, "needed", None)
     free = shutil.disk_usage(path.parent).free
-    need = f"it needs {needed:,} bytes" if needed else f"it needs more than the {_tree_bytes(tmp):,} bytes written " \
-                                                       "before the disk filled"
+    need = f"it needs {needed:,} bytes" if needed else f"it needs more than the {written:,} bytes written before " \
+                                                       "the disk filled"
     return NoSpaceError(f"no space left on the device to write {path}: {need}, and {free:,} bytes are free "
                         f"there; free some space or write to another disk", needed)
 
@@ -339,8 +345,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, *, inputs: Iterable[st
     """Yield a fresh temporary directory beside `path`; when the block succeeds, fsync it and rename it to
     `path`. Refuses an output overlapping `inputs`, another run's output, and an existing one unless
     `overwrite`; on any error or interruption the temporary is removed and `path` is as it was."""
-    path = Path(path)
-    claim_output(path, overwrite, inputs)
+    path = claim_output(path, overwrite, inputs)
     try:
         tmp = _sibling(path, TMP)
         tmp.mkdir()
@@ -350,10 +355,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False, *, inputs: Iterable[st
             with _signals_held():
                 _publish(tmp, path, overwrite)
         except BaseException as e:
-            full = _disk_full(path, tmp, e) if _is_disk_full(e) else None
+            written = _tree_bytes(tmp) if is_disk_full(e) else None
             _remove(tmp)
-            if full is not None:
-                raise full from e
+            if written is not None:
+                raise _disk_full(path, written, e) from e
             raise
     finally:
         release_output(path)
