@@ -266,6 +266,12 @@ def bytes_after_the_last_tensor(d):
     return f
 
 
+def index_not_json(d):
+    index = d / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-10])
+    return index
+
+
 def index_without_weight_map(d):
     index = d / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": json.loads(index.read_text())["metadata"]}))
@@ -287,7 +293,7 @@ def config_not_json(d):
 
 SAFETENSORS_DAMAGE = [truncated, dtype_not_matching_bytes, overlapping_offsets, offsets_end_before_begin,
                       header_not_json, missing_data_offsets, unknown_dtype, bytes_after_the_last_tensor]
-DAMAGE = SAFETENSORS_DAMAGE + [index_without_weight_map, config_missing_a_field, config_not_json]
+DAMAGE = SAFETENSORS_DAMAGE + [index_not_json, index_without_weight_map, config_missing_a_field, config_not_json]
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +312,8 @@ def library_reads(path: Path) -> None:
 @pytest.mark.parametrize("verb", ["depth", "convert"])
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
 def test_damaged_checkpoints_are_exit_2_naming_the_file(tmp_path, tiny_checkpoint, sharded, capsys, damage, verb):
-    broken = shutil.copytree(sharded if damage is index_without_weight_map else tiny_checkpoint, tmp_path / "in")
+    indexed = damage in (index_not_json, index_without_weight_map)
+    broken = shutil.copytree(sharded if indexed else tiny_checkpoint, tmp_path / "in")
     named = damage(broken)
     if damage in SAFETENSORS_DAMAGE:
         with pytest.raises(Exception):  # the safetensors library refuses the same file
@@ -392,6 +399,8 @@ def verbs(models: Path, cache: Path) -> dict:
         "heal": (["heal", base, "OUT", "--steps", "1", *SMALL], base),
         "heal-teacher": (["heal", base, "OUT", "--teacher", twin, "--steps", "1", *SMALL], twin),
         "ablate": (["ablate", base, "--sweep", "delete-one", *SMALL, "--out", "OUT"], base),
+        "ablate-text": (["ablate", base, "--sweep", "delete-one", "--text", models / "text.txt", "--out", "OUT"],
+                        models / "text.txt"),
         "demo": (["demo", "--out", "OUT"], cache / "smollm2"),
     }
 
@@ -414,6 +423,7 @@ def test_an_output_overlapping_an_input_is_refused(tmp_path, tiny_checkpoint, wi
     models = tmp_path / "models"
     for name, source in (("base", tiny_checkpoint), ("twin", tiny_checkpoint), ("wide", wide)):
         shutil.copytree(source, models / name)
+    (models / "text.txt").write_text("the text an evaluation reads\n" * 100)
     (tmp_path / "recipe.yaml").write_text(json.dumps({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(models / "base"), "layer_range": [0, 2]}]},
         {"sources": [{"model": str(models / "twin"), "layer_range": [1, 3]}]}]}))
@@ -442,6 +452,17 @@ def test_heal_refuses_checkpoints_that_would_overwrite_an_input(tmp_path, tiny_c
     assert main(["heal", str(model), str(tmp_path / "run"), "--steps", "1", *SMALL, "--force"]) == 2
     assert f"output {model} is the input" in capsys.readouterr().err
     assert hashes(model) == before
+
+
+def test_check_refuses_reports_that_would_overwrite_an_input(tmp_path, tiny_checkpoint, capsys):
+    base = shutil.copytree(tiny_checkpoint, tmp_path / "base")
+    text = tmp_path / "text.txt"
+    text.write_text("the text an evaluation reads\n" * 100)
+    before = hashes(base, text)
+    for option, path in (("--json", base / "config.json"), ("--plot", base / "drift.png"), ("--json", text)):
+        assert main(["check", str(base), "--layer-spec", "0:4", "--text", str(text), option, str(path)]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert hashes(base, text) == before and not (base / "drift.png").exists()
 
 
 def test_library_writers_refuse_to_overwrite_their_inputs(tmp_path, tiny_checkpoint, wide):

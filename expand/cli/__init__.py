@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(str(e))
         return 2
     except KeyboardInterrupt:
-        print_error("interrupted; nothing was written (a partly written output is removed)")
+        print_error("interrupted (an output being written was removed)")
         return 130
     finally:
         release_all()

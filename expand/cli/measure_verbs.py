@@ -6,16 +6,20 @@ from __future__ import annotations
 from rich.text import Text
 
 from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, claim_output,
-                                eval_tokens, load_on_mesh, verb)
+                                eval_tokens, input_paths, load_on_mesh, verb)
 from expand.report import console, format_value, print_reports, print_table
 
 
 def cmd_check(args) -> int:
     from expand.check import check
+    from expand.io.atomic import refuse_overlap
     from expand.report import plot_layers
 
     if (args.candidate is None) == (args.layer_spec is None):
         raise ValueError("give a CANDIDATE model or --layer-spec (a virtual candidate on the base), not both")
+    for report_file in (args.json, args.plot):
+        if report_file:
+            refuse_overlap(report_file, input_paths(args, args.base, args.candidate))
     base = load_on_mesh(args.base, args)
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec

@@ -103,11 +103,9 @@ def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
 # ---- from options to inputs ---------------------------------------------------------------------------
 
 
-def claim_output(out, args, *models) -> list[Path]:
-    """Refuse an OUT that is, lies inside or contains anything the verb reads (`models`, and where the verb
-    has them: --recipe and the recipe's models, --text files, a specs: sweep file), with or without --force,
-    then claim OUT for this run: another run writing it, or OUT existing without --force, is refused (exit
-    2) before any work. Returns the inputs, for the write's own check."""
+def input_paths(args, *models) -> list[Path]:
+    """Everything a verb reads: `models`, and where the verb has them, --recipe and the recipe's models,
+    --text files and a specs: sweep file."""
     reads = [io.input_path(m) for m in models if m]
     recipe = getattr(args, "recipe", None)
     if recipe:
@@ -118,6 +116,14 @@ def claim_output(out, args, *models) -> list[Path]:
     sweep = getattr(args, "sweep", None) or ""
     if sweep.startswith("specs:"):
         reads.append(Path(sweep.removeprefix("specs:")))
+    return reads
+
+
+def claim_output(out, args, *models) -> list[Path]:
+    """Refuse an OUT that is, lies inside or contains anything the verb reads (`input_paths`), with or
+    without --force, then claim OUT for this run: another run writing it, or OUT existing without --force,
+    is refused (exit 2) before any work. Returns the inputs, for the write's own check."""
+    reads = input_paths(args, *models)
     atomic.claim_output(out, args.force, reads)
     return reads
 

@@ -62,11 +62,21 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _chain(path: str | Path) -> list[tuple[int, int]]:
-    """(device, inode) of `path` and of each of its existing ancestors, as written and with symlinks
-    resolved; the first entry is the path itself (None when it does not exist)."""
-    chain = [_identity(Path(path))]
-    for form in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+def _normal(path: str | Path) -> Path:
+    """An output path with its folder's symlinks resolved (and a trailing `.` or `..` taken as the kernel
+    does); the output itself, if a symlink, stays one, and is what gets replaced."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _chain(path: str | Path) -> list[tuple[int, int] | None]:
+    """(device, inode) of what `path` names as a writer resolves it (`_normal`; None when it does not exist),
+    then of each existing ancestor of it, as written and with symlinks resolved."""
+    target = _normal(path)
+    chain = [_identity(target)]
+    for form in (target, Path(os.path.abspath(path)), Path(os.path.realpath(path))):
         for ancestor in form.parents:
             ident = _identity(ancestor)
             if ident is not None and ident not in chain:
@@ -120,15 +130,6 @@ class _Claim:
 
 
 _claims: dict[str, _Claim] = {}
-
-
-def _normal(path: str | Path) -> Path:
-    """An output path with its folder's symlinks resolved (and a trailing `.` or `..` taken as the kernel
-    does); the output itself, if a symlink, stays one, and is what gets replaced."""
-    path = Path(path)
-    if path.name in ("", ".", ".."):
-        return Path(os.path.realpath(path))
-    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _lock(path: Path) -> tuple[int, Path]:
@@ -341,7 +342,8 @@ def _disk_full(path: Path, written: int, error: BaseException) -> NoSpaceError:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False, *, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+def atomic_dir(path: str | Path, overwrite: bool = False, *,
+               inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `path`; when the block succeeds, fsync it and rename it to
     `path`. Refuses an output overlapping `inputs`, another run's output, and an existing one unless
     `overwrite`; on any error or interruption the temporary is removed and `path` is as it was."""
