@@ -446,6 +446,19 @@ def test_an_output_overlapping_an_input_is_refused(tmp_path, tiny_checkpoint, wi
     assert not [p for p in tmp_path.rglob(".*") if ".lock" in p.name or ".tmp-" in p.name]
 
 
+def test_a_two_model_recipe_reads_both_models_through_the_command_line(tmp_path, tiny_checkpoint):
+    twin = make_hf_checkpoint(tmp_path / "twin", seed=7)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(tiny_checkpoint), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(twin), "layer_range": [1, 4]}]}]}))
+    assert main(["depth", str(tiny_checkpoint), str(tmp_path / "out"), "--recipe", str(recipe)]) == 0
+    merged, second = expand.load(tmp_path / "out"), expand.load(twin)
+    np.testing.assert_array_equal(merged.params["lm_head.weight"], second.params["lm_head.weight"])
+    np.testing.assert_array_equal(merged.params["layers.mlp.up_proj.weight"][5],
+                                  second.params["layers.mlp.up_proj.weight"][3])
+
+
 def test_heal_refuses_checkpoints_that_would_overwrite_an_input(tmp_path, tiny_checkpoint, capsys):
     model = shutil.copytree(tiny_checkpoint, tmp_path / "run.checkpoints")
     before = hashes(model)
