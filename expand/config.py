@@ -17,6 +17,7 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class ConfigError(ValueError):
@@ -89,27 +90,43 @@ class Config:
     # ---- HF config.json ------------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> Config:
-        """Read a transformers config dict (4.x or 5.x spelling); refuse what the model does not implement."""
+    def from_hf(cls, d: dict[str, Any], where: str | Path | None = None) -> Config:
+        """Read a transformers config dict (4.x or 5.x spelling); refuse what the model does not implement,
+        and a missing or malformed required field (ConfigError naming it, and the file `where` it came from)."""
+        try:
+            return cls._from_hf(d)
+        except ConfigError as e:
+            if where is None:
+                raise
+            raise ConfigError(f"{where}: {e}") from None
+
+    @classmethod
+    def _from_hf(cls, d: dict[str, Any]) -> Config:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a JSON object, not a {type(d).__name__}")
         model_type = _architecture(d)
         _refuse_unsupported(d)
         _refuse_unknown_settings(d, model_type)
-        heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+        missing = [name for name in REQUIRED_FIELDS if d.get(name) is None]
+        if missing:
+            raise ConfigError(f"the config has no {', no '.join(missing)}; a Llama config.json needs "
+                              f"{', '.join(REQUIRED_FIELDS)} (transformers' save_pretrained writes them)")
+        heads = _field(d, "num_attention_heads", int)
+        head_dim = _field(d, "head_dim", int, None) or _field(d, "hidden_size", int) // heads
         theta, scaling = _rope(d)
         eos = d.get("eos_token_id")
         return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            vocab_size=_field(d, "vocab_size", int),
+            hidden_size=_field(d, "hidden_size", int),
+            intermediate_size=_field(d, "intermediate_size", int),
+            num_hidden_layers=_field(d, "num_hidden_layers", int),
             num_attention_heads=heads,
-            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            num_key_value_heads=_field(d, "num_key_value_heads", int, None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=_field(d, "rms_norm_eps", float, 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            max_position_embeddings=_field(d, "max_position_embeddings", int, 2048),
             attention_bias=bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -159,15 +176,49 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Config:
+        """The Config of a config.json (or of the model directory holding it); every ConfigError names the file."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} does not exist: an HF model directory needs a config.json "
-                "(save one with transformers' save_pretrained, or pass a .gguf file)"
-            )
-        return cls.from_hf(json.loads(path.read_text()))
+        return cls.from_hf(read_config_json(path), where=path)
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The dict of a config.json; a missing file is FileNotFoundError, invalid JSON or anything but an object
+    a ConfigError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: an HF model directory needs a config.json "
+            "(save one with transformers' save_pretrained, or pass a .gguf file)"
+        )
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint, or write it "
+                          "again with transformers' save_pretrained") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object; restore it from the original "
+                          "checkpoint")
+    return d
+
+
+_REQUIRED = object()
+
+
+def _field(d: dict[str, Any], name: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """d[name] as an int or a float; `default` where it is absent or null (ConfigError if there is none)."""
+    value = d.get(name)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"the config has no {name}")
+        return default
+    try:
+        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def _architecture(d: dict[str, Any]) -> str:
@@ -265,11 +316,11 @@ def _rope(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type == "linear":
-        return float(theta), RopeScaling("linear", float(source["factor"]))
+        return float(theta), RopeScaling("linear", _field(source, "factor", float))
     return float(theta), RopeScaling(
         "llama3",
-        float(source["factor"]),
-        float(source["low_freq_factor"]),
-        float(source["high_freq_factor"]),
-        int(source["original_max_position_embeddings"]),
+        _field(source, "factor", float),
+        _field(source, "low_freq_factor", float),
+        _field(source, "high_freq_factor", float),
+        _field(source, "original_max_position_embeddings", int),
     )

@@ -56,12 +56,14 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
     from rich.text import Text
 
     from expand.check import check, run_base
-    from expand.io import load, load_tokenizer
-    from expand.io.atomic import atomic_dir, refuse_existing
+    from expand.io import input_path, load, load_tokenizer
+    from expand.io.atomic import atomic_dir, refuse_existing, refuse_overlap
     from expand.progress import progress_bar
     from expand.report import console, plot_layers, plot_summary, print_reports, summary_row
     from expand.text import token_batch
 
+    inputs = [input_path("smollm2")]
+    refuse_overlap(out, inputs)
     refuse_existing(out, overwrite)
     console.print("[bold]expand demo[/]: SmolLM2-135M-Instruct, grown, pruned and widened, each checked against "
                   "the base on expand's own documentation")
@@ -83,7 +85,7 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
     console.print(Text("Q: ", style="bold") + Text(CHAT_PROMPT))
     for name, text in answers.items():
         console.print(Text(f"  {name}", style="cyan") + Text(f": {text}"))
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=inputs) as tmp:
         summary = {"prompt": CHAT_PROMPT, "tokens": list(tokens.shape), "floor": base_run.floor,
                    "table": [summary_row(r) for r in reports], "answers": answers,
                    "reports": [r.to_json() for r in reports]}

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from expand.config import Config
+from expand.config import Config, ConfigError
 
 FILE_NAME = "expand.json"
 
@@ -60,5 +60,12 @@ class Provenance:
 
     @classmethod
     def read(cls, directory: Path) -> Provenance | None:
+        """The provenance saved in a model directory, None if it has none; ConfigError if it is damaged."""
         path = Path(directory) / FILE_NAME
-        return cls.from_json(json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path} is not a valid provenance file ({type(e).__name__}: {e}); restore it, or "
+                              "delete it (the model then counts as its own base)") from None

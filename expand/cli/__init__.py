@@ -32,11 +32,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (a message for the user, exit 2), not a bug in expand."""
     from expand.config import ConfigError
     from expand.heal import HealDiverged
-    from expand.io.atomic import OutputExistsError
+    from expand.io.atomic import NoSpaceError, OutputExistsError
     from expand.io.safetensors import CheckpointError
 
-    return ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, ConfigError, OutputExistsError, \
-        HealDiverged
+    return ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ConfigError, \
+        OutputExistsError, NoSpaceError, HealDiverged
 
 
 def print_error(message: str) -> None:
@@ -49,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    from expand.io.atomic import release_all
+
     try:
         return args.run(args)
     except user_errors() as e:
         print_error(str(e))
         return 2
+    except KeyboardInterrupt:
+        print_error("interrupted (an output being written was removed)")
+        return 130
+    finally:
+        release_all()
 
 
 if __name__ == "__main__":

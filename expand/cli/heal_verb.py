@@ -7,30 +7,31 @@ from pathlib import Path
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_eval_options, add_mesh_options, add_plan_options, depth_plan,
-                                eval_tokens, load_on_mesh, verb)
+from expand.cli.options import (LAYER_SPEC_HELP, add_eval_options, add_mesh_options, add_plan_options,
+                                claim_output, depth_plan, eval_tokens, load_on_mesh, verb)
 from expand.report import console
 
 
 def cmd_heal(args) -> int:
     from expand.heal import HealOptions, heal
-    from expand.io.atomic import refuse_existing
+    from expand.io.atomic import refuse_overlap
 
     options = HealOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                           batch_size=args.batch_size, distill_weight=args.distill_weight, lm_weight=args.lm_weight,
                           train=args.train, shared=args.shared, gates=args.gates, gate_lr=args.gate_lr,
                           checkpoint_every=args.checkpoint_every)
     options.validate()
-    refuse_existing(args.out, args.force)
+    inputs = claim_output(args.out, args, args.model, args.teacher)
+    checkpoints = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
+    refuse_overlap(checkpoints, inputs)
     model = load_on_mesh(args.model, args)
     plan = depth_plan(model.config, args, required=False)
     teacher = load_on_mesh(args.teacher, args) if args.teacher else None
     tokens = eval_tokens(model, args)
-    checkpoints = Path(args.out).with_name(Path(args.out).name + ".checkpoints")
     result = heal(model, tokens, plan, teacher, options, checkpoints, resume=args.resume)
     healed = result.export()
     io.save(args.out, healed.config, healed.params, tokenizer_from=model, overwrite=args.force,
-            provenance=healed.provenance)
+            provenance=healed.provenance, inputs=inputs)
     result.write_history(args.out)
     first, last = result.history[0], result.history[-1]
     console.print(Text(f"healed {options.steps} steps on {tokens.shape[0]} x {tokens.shape[1]} tokens: loss "

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, eval_tokens,
-                                load_on_mesh, verb)
+from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, claim_output,
+                                eval_tokens, input_paths, load_on_mesh, verb)
 from expand.report import console, format_value, print_reports, print_table
 
 
 def cmd_check(args) -> int:
     from expand.check import check
+    from expand.io.atomic import refuse_overlap
     from expand.report import plot_layers
 
     if (args.candidate is None) == (args.layer_spec is None):
         raise ValueError("give a CANDIDATE model or --layer-spec (a virtual candidate on the base), not both")
+    for report_file in (args.json, args.plot):
+        if report_file:
+            refuse_overlap(report_file, input_paths(args, args.base, args.candidate))
     base = load_on_mesh(args.base, args)
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec
@@ -49,10 +53,9 @@ def cmd_check(args) -> int:
 
 def cmd_ablate(args) -> int:
     from expand.ablate import METRICS, ablate, parse_sweep
-    from expand.io.atomic import atomic_dir, refuse_existing
+    from expand.io.atomic import atomic_dir
 
-    if args.out:
-        refuse_existing(args.out, args.force)
+    inputs = claim_output(args.out, args, args.model) if args.out else []
     model = load_on_mesh(args.model, args)
     parse_sweep(args.sweep, model.config.num_hidden_layers)  # refuse a bad sweep before tokenizing or computing
     tokens = eval_tokens(model, args)
@@ -65,7 +68,7 @@ def cmd_ablate(args) -> int:
     console.print(Text(f"{len(table.rows)} variants, {table.compilations} compilations of the forward "
                        f"(lengths {table.lengths})"))
     if args.out:
-        with atomic_dir(args.out, args.force) as tmp:
+        with atomic_dir(args.out, args.force, inputs=inputs) as tmp:
             written = table.write(tmp)
         console.print(Text(f"written to {args.out}/: {', '.join(written)}"))
     return 0
@@ -74,6 +77,7 @@ def cmd_ablate(args) -> int:
 def cmd_demo(args) -> int:
     from expand.demo import run_demo
 
+    claim_output(args.out, args, "smollm2")
     return run_demo(args.out, overwrite=args.force, seq_len=args.seq_len, num_sequences=args.num_sequences)
 
 

@@ -10,8 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_mesh_options, depth_plan, load_on_mesh, parse_dtype,
-                                verb)
+from expand.cli.options import (LAYER_SPEC_HELP, add_mesh_options, claim_output, depth_plan, load_on_mesh,
+                                parse_dtype, verb)
 from expand.params import param_count
 from expand.report import console
 
@@ -61,30 +61,29 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    io.refuse_same_path(io.resolve(args.src), args.out)
-    io.refuse_existing(args.out, args.force)
     if (args.format == "gguf") != args.out.endswith(".gguf"):
         raise ValueError(f"OUT {args.out}: a GGUF file is written with --format gguf to a name ending in .gguf; "
                          "other formats write a directory")
-    if args.format == "gguf":
-        return convert_to_gguf(args)
-    if args.dtype == "q8_0":
+    if args.format != "gguf" and args.dtype == "q8_0":
         raise ValueError("--dtype q8_0 is a GGUF quantization: add --format gguf")
+    inputs = claim_output(args.out, args, args.src)
+    if args.format == "gguf":
+        return convert_to_gguf(args, inputs)
     model = io.load(args.src, dtype=parse_dtype(args.dtype))
     io.save(args.out, model.config, model.params, tokenizer_from=model, format=args.format,
-            overwrite=args.force, provenance=model.lineage())
+            overwrite=args.force, provenance=model.lineage(), inputs=inputs)
     console.print(Text(f"wrote {args.out} ({args.format}, {args.dtype}, {param_count(model.config):,} parameters)"))
     return 0
 
 
-def convert_to_gguf(args) -> int:
+def convert_to_gguf(args, inputs) -> int:
     from expand.io.gguf_writer import GGUF_DTYPES, write_gguf
 
     if args.dtype not in GGUF_DTYPES:
         raise ValueError(f"--format gguf writes --dtype {', '.join(GGUF_DTYPES)}, not {args.dtype!r}")
     model = io.load(args.src)
     write_gguf(args.out, model.config, model.params, model, dtype=args.dtype,
-               name=Path(str(model.source)).name, overwrite=args.force)
+               name=Path(str(model.source)).name, overwrite=args.force, inputs=inputs)
     console.print(Text(f"wrote {args.out} (gguf, {args.dtype}, {param_count(model.config):,} parameters)"))
     return 0
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import jax.numpy as jnp
 
 from expand import io
+from expand.io import atomic
 
 DTYPES = {"fp32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
           "fp16": jnp.float16, "float16": jnp.float16, "fp64": jnp.float64, "float64": jnp.float64}
@@ -99,6 +101,31 @@ def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
 
 
 # ---- from options to inputs ---------------------------------------------------------------------------
+
+
+def input_paths(args, *models) -> list[Path]:
+    """Everything a verb reads: `models`, and where the verb has them, --recipe and the recipe's models,
+    --text files and a specs: sweep file."""
+    reads = [io.input_path(m) for m in models if m]
+    recipe = getattr(args, "recipe", None)
+    if recipe:
+        from expand.surgery.recipe import recipe_model_names
+
+        reads += [Path(recipe), *(io.input_path(m) for m in recipe_model_names(recipe))]
+    reads += [Path(text) for text in getattr(args, "text", None) or ()]
+    sweep = getattr(args, "sweep", None) or ""
+    if sweep.startswith("specs:"):
+        reads.append(Path(sweep.removeprefix("specs:")))
+    return reads
+
+
+def claim_output(out, args, *models) -> list[Path]:
+    """Refuse an OUT that is, lies inside or contains anything the verb reads (`input_paths`), with or
+    without --force, then claim OUT for this run: another run writing it, or OUT existing without --force,
+    is refused (exit 2) before any work. Returns the inputs, for the write's own check."""
+    reads = input_paths(args, *models)
+    atomic.claim_output(out, args.force, reads)
+    return reads
 
 
 def parse_dtype(name: str):

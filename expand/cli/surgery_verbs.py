@@ -7,8 +7,8 @@ from rich.table import Table
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_output_options, add_plan_options, depth_plan, parse_dtype,
-                                verb)
+from expand.cli.options import (LAYER_SPEC_HELP, add_output_options, add_plan_options, claim_output, depth_plan,
+                                parse_dtype, verb)
 from expand.config import Config
 from expand.params import param_count
 from expand.report import console, format_config_float
@@ -127,6 +127,8 @@ def cmd_surgery(args) -> int:
     from expand.surgery.grow import grow_to_disk
     from expand.surgery.width import width_plan
 
+    if args.out is None and not args.dry_run:
+        raise ValueError("give OUT (or --dry-run to see the shapes only)")
     config = io.read_config(args.model)
     plan = depth_plan(config, args, required=args.verb == "depth") if args.verb != "widen" else None
     widening = args.verb == "widen" or (args.verb == "grow" and asks_for_width(args))
@@ -134,6 +136,9 @@ def cmd_surgery(args) -> int:
         raise ValueError("give a depth plan (--layer-spec, --recipe, --llama-pro), target sizes (--like, "
                          "--hidden-size, ...), or both")
     deep = config if plan is None else config.replace(num_hidden_layers=plan.num_layers)
+    if not args.dry_run:
+        claim_output(args.out, args, args.model, getattr(args, "donor", None), getattr(args, "like", None),
+                     plan and plan.tokenizer_model)
     request = {}
     if widening:
         request = {**width_request(deep, args, deep.num_hidden_layers), **width_options(args)}
@@ -144,10 +149,8 @@ def cmd_surgery(args) -> int:
             console.print(Text(f"note: {note}"))
     elif getattr(args, "donor", None) is not None:
         raise ValueError("--donor fills a widening's new blocks: give target sizes too (--like, --hidden-size, ...)")
-    if getattr(args, "dry_run", False):
+    if args.dry_run:
         return 0
-    if args.out is None:
-        raise ValueError("give OUT (or --dry-run to see the shapes only)")
     out = grow_to_disk(args.model, args.out, plan=plan, models=recipe_paths(plan, args.model),
                        donor=getattr(args, "donor", None),
                        dtype=parse_dtype(args.dtype) if args.dtype else None, max_shard_size=args.max_shard_size,

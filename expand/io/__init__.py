@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from expand.config import Config
-from expand.io.atomic import atomic_dir, refuse_existing, refuse_same_path
+from expand.config import Config, read_config_json
+from expand.io.atomic import NoSpaceError, atomic_dir, is_disk_full, refuse_existing, refuse_overlap
 from expand.io.card import model_card
-from expand.io.embedded import EMBEDDED, embedded_gguf, embedded_tokenizer_dir
+from expand.io.embedded import EMBEDDED, cache_dir, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
-from expand.io.safetensors import (CODE_DTYPES, INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource,
-                                   TensorEntry, parse_size, write_sharded)
+from expand.io.safetensors import (INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource, TensorEntry,
+                                   numpy_dtype, parse_size, write_sharded)
 from expand.io.tokenizer import gguf_tokenizer
 from expand.container import Model
 from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
@@ -34,9 +34,9 @@ from expand.progress import progress_bar
 from expand.provenance import Provenance
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "load", "save", "resolve", "load_tokenizer", "open_checkpoint", "open_source",
-    "read_config",
-    "refuse_existing", "refuse_same_path", "dtype_name", "source_dtype", "validate_source", "write_metadata",
+    "Checkpoint", "CheckpointError", "load", "save", "resolve", "input_path", "load_tokenizer", "open_checkpoint",
+    "open_source", "read_config", "refuse_existing", "refuse_overlap", "dtype_name", "source_dtype",
+    "validate_source", "write_metadata",
 ]
 
 ORBAX_PARAMS = "params"
@@ -59,6 +59,14 @@ def resolve(model: str | Path) -> Path:
     return path
 
 
+def input_path(model: str | Path) -> Path:
+    """What a model argument reads, without fetching anything: an embedded model's cache folder (its GGUF
+    and tokenizer), else the path as given. For refusing outputs that would overwrite an input."""
+    if str(model) in EMBEDDED:
+        return cache_dir() / EMBEDDED[str(model)].name
+    return Path(model)
+
+
 def _kind(path: Path) -> str:
     if path.suffix == ".gguf":
         return "gguf"
@@ -73,11 +81,16 @@ def _kind(path: Path) -> str:
 
 
 def open_source(path: Path):
-    """The tensor source (HF names and layout, read lazily) and HF config dict of a checkpoint."""
+    """The tensor source (HF names and layout, read lazily) and HF config dict of a checkpoint, the config
+    checked first (a ConfigError names the file), then every safetensors header."""
     if _kind(path) == "gguf":
         source = GGUFSource(path)
-        return source, source.hf_config()
-    return SafetensorsSource(path), json.loads((path / "config.json").read_text())
+        hf_config = source.hf_config()
+        Config.from_hf(hf_config, where=path)
+        return source, hf_config
+    hf_config = read_config_json(path / "config.json")
+    Config.from_hf(hf_config, where=path / "config.json")
+    return SafetensorsSource(path), hf_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +127,7 @@ def read_config(model: str | Path) -> Config:
     """The Config of a model, reading no weights (a directory holding only config.json is enough)."""
     path = resolve(model)
     if path.suffix == ".gguf":
-        return Config.from_hf(GGUFSource(path).hf_config())
+        return Config.from_hf(GGUFSource(path).hf_config(), where=path)
     return Config.from_file(path)
 
 
@@ -142,7 +155,8 @@ def source_dtype(source) -> np.dtype:
     """The stored dtype of a checkpoint's weights (float32 for GGUF, which is dequantized)."""
     if not isinstance(source, SafetensorsSource):
         return np.dtype(np.float32)
-    return CODE_DTYPES[source.dtype(spec_by_name("embed_tokens.weight").hf_name())]
+    name = spec_by_name("embed_tokens.weight").hf_name()
+    return numpy_dtype(source.dtype(name), f"{name} in {source.directory}")
 
 
 def stored_weight_dtype(path: Path) -> np.dtype:
@@ -152,7 +166,7 @@ def stored_weight_dtype(path: Path) -> np.dtype:
         return source_dtype(SafetensorsSource(path))
     if path.suffix == ".gguf":
         return np.dtype(np.float32)
-    d = json.loads((path / "config.json").read_text())
+    d = read_config_json(path / "config.json")
     name = d.get("dtype") or d.get("torch_dtype") or "float32"
     return np.dtype(jnp.dtype(name))
 
@@ -165,7 +179,7 @@ def checkpoint_storage(path: Path) -> tuple[str, int]:
         return stored, path.stat().st_size
     files = [*path.glob("*.safetensors"), *path.glob(f"{ORBAX_PARAMS}/**/*")]
     size = sum(f.stat().st_size for f in files if f.is_file())
-    d = json.loads((path / "config.json").read_text())
+    d = read_config_json(path / "config.json")
     return str(d.get("dtype") or d.get("torch_dtype") or "unknown"), size
 
 
@@ -228,18 +242,22 @@ def dtype_name(dtype) -> str:
 
 def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, *, format: str = "hf",
          overwrite: bool = False, provenance: Provenance | None = None, dtype=None,
-         max_shard_size: str | int = "2GB") -> Path:
+         max_shard_size: str | int = "2GB", inputs=()) -> Path:
     """Write a model as an HF directory (sharded safetensors + index, config.json, generation_config.json,
     tokenizer files) or, with format='orbax', as an orbax checkpoint with the same metadata files.
 
     tokenizer_from: a model path / embedded name / tokenizer object whose tokenizer (and chat template)
-    is saved alongside. The write goes to a temporary sibling and is renamed into place; an existing
-    `path` is replaced only with overwrite=True."""
+    is saved alongside. The write goes to a temporary sibling and is renamed into place (`atomic_dir`); an
+    existing `path` is replaced only with overwrite=True, and never when it is, lies inside or contains
+    `tokenizer_from` or any of `inputs` (paths the caller read)."""
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+    source = tokenizer_from.source if isinstance(tokenizer_from, Model) else tokenizer_from
+    inputs = [*inputs, *([input_path(source)] if isinstance(source, (str, Path)) else [])]
+    refuse_overlap(path, inputs)
     check_params(config, params)
     dtype = np.dtype(dtype or params["embed_tokens.weight"].dtype)
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, inputs=inputs) as tmp:
         if format == "hf":
             _write_safetensors(tmp, config, params, dtype, parse_size(max_shard_size))
         else:
@@ -334,11 +352,19 @@ def set_chat_template(directory: Path, template: str) -> None:
 
 
 def _write_orbax(directory: Path, params: Params) -> None:
+    """An orbax checkpoint of `params` in directory/params; a full disk is NoSpaceError with the bytes of the
+    uncompressed arrays (an upper bound: orbax compresses)."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((directory / ORBAX_PARAMS).absolute(), nest(params))
-        checkpointer.wait_until_finished()
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save((directory / ORBAX_PARAMS).absolute(), nest(params))
+            checkpointer.wait_until_finished()
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        needed = sum(value.nbytes for value in params.values())
+        raise NoSpaceError(f"{directory} ran out of space; the arrays are {needed:,} bytes uncompressed", needed) from e
 
 
 def _read_orbax(directory: Path, config: Config, dtype, placement: Placement) -> Params:
@@ -348,6 +374,22 @@ def _read_orbax(directory: Path, config: Config, dtype, placement: Placement) ->
         spec.name: jax.ShapeDtypeStruct(spec.shape(config), dtype, sharding=placement(spec, spec.shape(config)))
         for spec in tensor_specs(config)
     }
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore((directory / ORBAX_PARAMS).absolute(), nest(target))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore((directory / ORBAX_PARAMS).absolute(), nest(target))
+    except Exception as e:  # orbax and tensorstore raise ValueError, OSError or bare Exception on damaged files
+        raise CheckpointError(
+            f"{directory} is not a readable orbax checkpoint ({_first_line(e)}); re-create it from the "
+            f"checkpoint it was made from (expand convert SRC {directory} --format orbax --force)") from e
     return flatten(restored)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The gist of a long library error: the first line of its root cause, before any dump of the
+    tensorstore spec."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    for marker in (" See full TensorStore", " [tensorstore_spec", " [source locations"):
+        text = text.split(marker)[0]
+    return text if len(text) <= limit else text[:limit] + "..."

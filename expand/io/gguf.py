@@ -36,6 +36,10 @@ _LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+REQUIRED_KEYS = ("llama.attention.head_count", "llama.embedding_length", "llama.feed_forward_length",
+                 "llama.block_count", "llama.attention.layer_norm_rms_epsilon")
+REDO = ("re-download it (for the embedded model: delete its folder in the expand cache, $EXPAND_CACHE or "
+        "~/.cache/expand, and it is fetched again), or export it again with llama.cpp's convert_hf_to_gguf.py")
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -65,7 +69,7 @@ class GGUFSource:
         try:
             self.reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # the gguf package raises bare ValueError/struct errors on damaged files
-            raise CheckpointError(f"{self.path} is not a readable GGUF file: {e}") from e
+            raise CheckpointError(f"{self.path} is not a readable GGUF file ({e}); {REDO}") from e
         self.metadata = _metadata(self.reader)
         arch = self.metadata.get("general.architecture")
         if arch != "llama":
@@ -84,6 +88,7 @@ class GGUFSource:
                     )
                 raise CheckpointError(f"{self.path.name}: unexpected GGUF tensor {tensor.name!r}")
             self._tensors[name] = tensor
+        self._config = self._config_from_metadata()
 
     def names(self) -> set[str]:
         return set(self._tensors)
@@ -95,12 +100,15 @@ class GGUFSource:
         import gguf
 
         tensor = self._tensors[name]
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        array = array.reshape(self.shape(name))
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+            array = array.reshape(self.shape(name))
+        except Exception as e:  # a damaged tensor: dequantize and reshape raise ValueError / NotImplementedError
+            raise CheckpointError(f"{self.path}: tensor {tensor.name} cannot be read ({e}); {REDO}") from e
         if ".self_attn.q_proj." in name:
-            return unpermute_rotary_rows(array, self.metadata["llama.attention.head_count"])
+            return unpermute_rotary_rows(array, self._config["num_attention_heads"])
         if ".self_attn.k_proj." in name:
-            return unpermute_rotary_rows(array, self.metadata["llama.attention.head_count_kv"])
+            return unpermute_rotary_rows(array, self._config["num_key_value_heads"])
         return array
 
     def file_bytes(self) -> int:
@@ -108,18 +116,27 @@ class GGUFSource:
 
     def hf_config(self) -> dict[str, Any]:
         """The HF config.json dict this file describes (as transformers' GGUF loader builds it)."""
+        return dict(self._config)
+
+    def _config_from_metadata(self) -> dict[str, Any]:
         m = self.metadata
-        heads = m["llama.attention.head_count"]
-        hidden = m["llama.embedding_length"]
+        missing = [key for key in REQUIRED_KEYS if key not in m]
+        if "llama.vocab_size" not in m and "tokenizer.ggml.tokens" not in m:
+            missing.append("llama.vocab_size (or tokenizer.ggml.tokens)")
+        if missing:
+            raise CheckpointError(f"{self.path} lacks the metadata {', '.join(missing)}, which a llama GGUF file "
+                                  f"carries; {REDO}")
+        heads = int(m["llama.attention.head_count"])
+        hidden = int(m["llama.embedding_length"])
         vocab = m.get("llama.vocab_size") or len(m["tokenizer.ggml.tokens"])
         config = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "vocab_size": int(vocab),
-            "hidden_size": int(hidden),
+            "hidden_size": hidden,
             "intermediate_size": int(m["llama.feed_forward_length"]),
             "num_hidden_layers": int(m["llama.block_count"]),
-            "num_attention_heads": int(heads),
+            "num_attention_heads": heads,
             "num_key_value_heads": int(m.get("llama.attention.head_count_kv", heads)),
             "head_dim": int(m.get("llama.rope.dimension_count", hidden // heads)),
             "rms_norm_eps": float(m["llama.attention.layer_norm_rms_epsilon"]),
@@ -133,6 +150,8 @@ class GGUFSource:
         }
         scaling_type = m.get("llama.rope.scaling.type")
         if scaling_type == "linear":
+            if "llama.rope.scaling.factor" not in m:
+                raise CheckpointError(f"{self.path} has linear rope scaling but no llama.rope.scaling.factor; {REDO}")
             config["rope_scaling"] = {"rope_type": "linear", "factor": float(m["llama.rope.scaling.factor"])}
         elif scaling_type not in (None, "none"):
             raise CheckpointError(f"{self.path.name}: rope scaling type {scaling_type!r} is not implemented")

@@ -190,7 +190,7 @@ def hf_layout_tensor(config: Config, params: Params, hf_name: str, spec, layer) 
 
 
 def write_gguf(path: str | Path, config: Config, params: Params, tokenizer_from, *, dtype: str = "fp32",
-               name: str | None = None, overwrite: bool = False) -> Path:
+               name: str | None = None, overwrite: bool = False, inputs=()) -> Path:
     """Write config + params as a llama GGUF file at `path`, with the tokenizer of `tokenizer_from` (a model
     path / embedded name / Model, as `expand.io.save` takes). Written to a temporary sibling and renamed
     into place."""
@@ -204,7 +204,7 @@ def write_gguf(path: str | Path, config: Config, params: Params, tokenizer_from,
     tokenizer = load_tokenizer(tokenizer_from)
     names = [(hf_name, spec, layer) for hf_name, spec, layer in iter_hf_names(config)]
     kinds = {hf_name: ggml_type(spec.hf_shape(config), dtype) for hf_name, spec, _ in names}
-    with atomic_file(path, overwrite) as tmp:
+    with atomic_file(path, overwrite, inputs=inputs) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(name or Path(path).stem)
         add_config(writer, config, dtype)

@@ -12,8 +12,8 @@ from typing import Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from expand.io import Checkpoint, source_dtype, write_metadata
-from expand.io.atomic import atomic_dir, refuse_same_path
+from expand.io import Checkpoint, input_path, source_dtype, write_metadata
+from expand.io.atomic import atomic_dir, refuse_overlap
 from expand.io.safetensors import TensorEntry, parse_size, write_sharded
 from expand.params import Params, spec_by_name
 from expand.progress import progress_bar
@@ -78,8 +78,13 @@ def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out
     missing = sorted(set(plan.inputs) - set(checkpoints))
     if missing:
         raise ValueError(f"the plan reads models {missing}, which were not given")
-    for checkpoint in checkpoints.values():
-        refuse_same_path(checkpoint.path, out)
+    leading = checkpoints[lead]
+    tokenizer_from, chat_template = leading.name, None
+    if plan.depth is not None:
+        tokenizer_from = plan.depth.tokenizer_model or tokenizer_from
+        chat_template = None if plan.depth.chat_template == "auto" else plan.depth.chat_template
+    inputs = [checkpoint.path for checkpoint in checkpoints.values()] + [input_path(tokenizer_from)]
+    refuse_overlap(out, inputs)
     grow = compiled_grower(plan.width) if plan.width is not None else None
     out_dtype = np.dtype(dtype) if dtype is not None else output_dtype(plan, checkpoints[lead])
     by_name = {o.hf_name: o for o in plan.outputs}
@@ -92,12 +97,7 @@ def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out
         o = by_name[entry.name]
         return o.spec.to_hf(np.asarray(compute(o, read, grow)), plan.config).astype(out_dtype, copy=False)
 
-    leading = checkpoints[lead]
-    tokenizer_from, chat_template = leading.name, None
-    if plan.depth is not None:
-        tokenizer_from = plan.depth.tokenizer_model or tokenizer_from
-        chat_template = None if plan.depth.chat_template == "auto" else plan.depth.chat_template
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, inputs=inputs) as tmp:
         with progress_bar(f"writing {Path(out).name}", total=len(entries)) as advance:
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
         write_metadata(tmp, plan.config, out_dtype, tokenizer_from, plan.lineage(leading.provenance),
