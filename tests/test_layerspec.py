@@ -58,7 +58,7 @@ REFUSED = [
     ("4:4", 32, "empty or reversed"),
     ("0:8:0", 32, "step 0"),
     ("0:8,", 32, "empty item"),
-    ("", 32, "empty item"),
+    ("", 32, "the layer spec is empty"),
     ("a:3", 32, "not an integer"),
     ("1.5", 32, "not an integer"),
     ("0:1:2:3", 32, "too many"),
