@@ -246,7 +246,10 @@ def _fsync(path: str | Path) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """Flush every file and folder under `root` (and `root` itself) to the disk."""
+    """Flush every file and folder under `root` (and `root` itself, a folder or a file) to the disk."""
+    if root.is_file():
+        _fsync(root)
+        return
     for folder, _, files in os.walk(root):
         for name in files:
             if not os.path.islink(os.path.join(folder, name)):
@@ -318,6 +321,8 @@ def _signals_held() -> Iterator[None]:
 
 
 def _tree_bytes(root: Path) -> int:
+    if root.is_file():
+        return root.stat().st_size
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files
                if not os.path.islink(os.path.join(d, f)))
 
@@ -342,15 +347,13 @@ def _disk_full(path: Path, written: int, error: BaseException) -> NoSpaceError:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False, *,
-               inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside `path`; when the block succeeds, fsync it and rename it to
-    `path`. Refuses an output overlapping `inputs`, another run's output, and an existing one unless
-    `overwrite`; on any error or interruption the temporary is removed and `path` is as it was."""
+def _atomic(path: str | Path, overwrite: bool, inputs: Iterable[str | Path | None], folder: bool) -> Iterator[Path]:
+    """The write of one output, a folder or a single file, as `atomic_dir` describes."""
     path = claim_output(path, overwrite, inputs)
     try:
         tmp = _sibling(path, TMP)
-        tmp.mkdir()
+        if folder:
+            tmp.mkdir()
         try:
             yield tmp
             fsync_tree(tmp)
@@ -366,24 +369,15 @@ def atomic_dir(path: str | Path, overwrite: bool = False, *,
         release_output(path)
 
 
-@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False, *,
+               inputs: Iterable[str | Path | None] = ()) -> contextlib.AbstractContextManager[Path]:
+    """Yield a fresh temporary directory beside `path`; when the block succeeds, fsync it and rename it to
+    `path`. Refuses an output overlapping `inputs`, another run's output, and an existing one unless
+    `overwrite`; on any error or interruption the temporary is removed and `path` is as it was."""
+    return _atomic(path, overwrite, inputs, folder=True)
+
+
 def atomic_file(path: str | Path, overwrite: bool = False, *,
-                inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
-    """`atomic_dir` for an output that is one file (a GGUF): yield a temporary path beside `path` to write;
-    when the block succeeds, fsync it and rename it into place, with the same claim, refusals and cleanup."""
-    path = claim_output(path, overwrite, inputs)
-    try:
-        tmp = _sibling(path, TMP)
-        try:
-            yield tmp
-            _fsync(tmp)
-            with _signals_held():
-                _publish(tmp, path, overwrite)
-        except BaseException as e:
-            written = tmp.stat().st_size if is_disk_full(e) and tmp.exists() else None
-            _remove(tmp)
-            if written is not None:
-                raise _disk_full(path, written, e) from e
-            raise
-    finally:
-        release_output(path)
+                inputs: Iterable[str | Path | None] = ()) -> contextlib.AbstractContextManager[Path]:
+    """`atomic_dir` for an output that is one file (a GGUF): yield a temporary path beside `path` to write."""
+    return _atomic(path, overwrite, inputs, folder=False)
