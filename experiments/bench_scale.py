@@ -111,17 +111,29 @@ def drop_page_cache() -> bool:
         return False
 
 
-def cold_synced(command: list[str], out: Path):
+FACTS = "from experiments import bench_scale; print(json.dumps(bench_scale.checkpoint_facts({!r})))"
+SAME = "from experiments import bench_depth; print(json.dumps(bench_depth.same_tensors({!r}, {!r})))"
+
+
+def cold_synced(command: list[str], out: Path, keep: bool = False, same_as: Path | None = None):
     """A run of `command` into an emptied `out`, from a dropped page cache (where allowed), timed up to a
-    finished sync."""
+    finished sync; then (untimed) the facts of what it wrote and, with `same_as`, whether its tensors equal
+    that checkpoint's; `out` is removed afterwards unless `keep` (the disk holds one output at a time)."""
     def run() -> dict:
         shutil.rmtree(out, ignore_errors=True)
         cold = drop_page_cache()
         measured = run_measured(command)
         start = time.perf_counter()
         subprocess.run(["sync"], check=True)
-        return {"wall_s": round(measured["wall_s"] + time.perf_counter() - start, 2),
-                "peak_rss_mib": measured["peak_rss_mib"], "cold_cache": cold}
+        result = {"wall_s": round(measured["wall_s"] + time.perf_counter() - start, 2),
+                  "peak_rss_mib": measured["peak_rss_mib"], "cold_cache": cold,
+                  "output": python_json(FACTS.format(str(out)))}
+        if same_as is not None:
+            equal, count = python_json(SAME.format(str(same_as), str(out)))
+            result["same_tensors"] = {"tensors_compared": count, "identical": equal}
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
+        return result
     return run
 
 
@@ -132,8 +144,7 @@ def main() -> None:
     source = cache_dir("scale-source") / "llama-3.2-3b-shape-random-bf16"
     python_json(f"from experiments import bench_scale; bench_scale.prepare_source({str(source)!r})")
     work = cache_dir("scale-outputs")
-    facts = "from experiments import bench_scale; print(json.dumps(bench_scale.checkpoint_facts({!r})))"
-    src = python_json(facts.format(str(source)))
+    src = python_json(FACTS.format(str(source)))
     draws = python_json("from experiments import bench_scale; print(json.dumps(bench_scale.fill_draws()))")
     recipe = {"merge_method": "passthrough", "dtype": "bfloat16",
               "slices": [{"sources": [{"model": str(source), "layer_range": [a, b]}]} for a, b in DEPTH_SLICES]}
@@ -142,21 +153,22 @@ def main() -> None:
     spec = ",".join(f"{a}:{b}" for a, b in DEPTH_SLICES)
     expand_cli = [sys.executable, "-m", "expand.cli"]
     sizes = [str(x) for option in WIDTH.items() for x in option]
-    commands = {
-        "raw copy (cp -r)": (["cp", "-r", str(source), str(work / "copy")], work / "copy"),
-        f"expand depth {spec}": (expand_cli + ["depth", str(source), str(work / "depth"), "--layer-spec", spec,
-                                               "--max-shard-size", SHARD], work / "depth"),
-        "expand widen 3072 -> 3840": (expand_cli + ["widen", str(source), str(work / "widen"), "--max-shard-size",
-                                                    SHARD] + sizes, work / "widen"),
-        "expand widen 3072 -> 3840, zeros": (expand_cli + ["widen", str(source), str(work / "widen-zeros"),
-                                                           "--max-shard-size", SHARD, "--fill", "zeros"] + sizes,
-                                             work / "widen-zeros"),
+    depth_out, mergekit = work / "depth", mergekit_venv()
+    runs = {
+        "raw copy (cp -r)": cold_synced(["cp", "-r", str(source), str(work / "copy")], work / "copy"),
+        f"expand depth {spec}": cold_synced(expand_cli + ["depth", str(source), str(depth_out), "--layer-spec",
+                                                          spec, "--max-shard-size", SHARD], depth_out, keep=True),
+        "expand widen 3072 -> 3840": cold_synced(expand_cli + ["widen", str(source), str(work / "widen"),
+                                                               "--max-shard-size", SHARD] + sizes, work / "widen"),
+        "expand widen 3072 -> 3840, zeros": cold_synced(expand_cli + ["widen", str(source), str(work / "zeros"),
+                                                                      "--max-shard-size", SHARD, "--fill", "zeros"]
+                                                        + sizes, work / "zeros"),
     }
-    mergekit = mergekit_venv()
-    for size in MERGEKIT_SHARDS:
-        commands[f"mergekit depth {spec}, {size} shard"] = (
-            [str(mergekit), str(recipe_file), str(work / f"mergekit-{size}"), "--no-copy-tokenizer",
-             "--out-shard-size", size], work / f"mergekit-{size}")
+    for size in MERGEKIT_SHARDS:  # after expand depth in the warm-up round; its output is kept to compare with
+        out = work / f"mergekit-{size}"
+        runs[f"mergekit depth {spec}, {size} shard"] = cold_synced(
+            [str(mergekit), str(recipe_file), str(out), "--no-copy-tokenizer", "--out-shard-size", size], out,
+            same_as=depth_out)
     results = {"device": python_json("from experiments import benchlib; print(json.dumps(benchlib.device_line()))"),
                "mergekit": MERGEKIT, "source": src, "random_fill_normal_draws": draws,
                "settings": {"expand_max_shard_size": SHARD, "mergekit_out_shard_size": MERGEKIT_SHARDS,
@@ -164,7 +176,6 @@ def main() -> None:
                             "wall": "up to a finished sync", "repeats": args.repeats,
                             "order": "an uncounted warm-up round, then rounds in the listed order rotated by r"},
                "load_average_before": load_average(), "runs": []}
-    runs = {name: cold_synced(command, out) for name, (command, out) in commands.items()}
     measured = alternating(runs, args.repeats)
     lines = [f"device: {results['device']}",
              f"source: random Llama-3.2-3B shape, bf16, {src['parameters'] / 1e9:.2f} B parameters, "
@@ -177,13 +188,13 @@ def main() -> None:
              f"load average before (1/5/15 min): {results['load_average_before']}", "",
              f"{'run':40s} {'wall s: median (min-max)':>24s} {'written GB':>10s} {'GB/s':>5s} "
              f"{'peak RSS MB: median (min-max)':>30s} {'RSS/source':>10s} {'RSS/bound':>9s}"]
-    for name, (_, out) in commands.items():
-        values = measured[name]
-        written = python_json(facts.format(str(out)))
+    for name, values in measured.items():
+        written = values["output"][-1]
         bound = written["largest_shard_bytes"] + max(src["largest_tensor_bytes"], written["largest_tensor_bytes"])
         wall, rss = spread(values["wall_s"]), spread(values["peak_rss_mib"])
         peak = rss["median"] * 2**20
-        row = {"run": name, **values, "wall": wall, "rss": rss, "output": written,
+        row = {"run": name, **{k: v for k, v in values.items() if k != "output"}, "wall": wall, "rss": rss,
+               "output": written,
                "written_gb_per_s": round(written["bytes"] / 1e9 / wall["median"], 3),
                "rss_over_source": round(peak / src["bytes"], 3), "rss_bound_bytes": bound,
                "rss_over_bound": round(rss["max"] * 2**20 / bound, 2)}
@@ -192,20 +203,17 @@ def main() -> None:
                      f"{written['bytes'] / 1e9:10.2f} {row['written_gb_per_s']:5.2f} "
                      f"{peak / 1e6:10.0f} ({rss['min'] * 2**20 / 1e6:.0f}-{rss['max'] * 2**20 / 1e6:.0f}) "
                      f"{row['rss_over_source']:10.1%} {row['rss_over_bound']:9.2f}")
-    compare = "from experiments import bench_depth; print(json.dumps(bench_depth.same_tensors({!r}, {!r})))"
-    results["depth_equals_mergekit"] = {}
-    for size in MERGEKIT_SHARDS:
-        equal, count = python_json(compare.format(str(work / "depth"), str(work / f"mergekit-{size}")))
-        results["depth_equals_mergekit"][size] = {"tensors_compared": count, "identical": equal}
-        lines.append(f"expand depth vs mergekit ({size} shard): {count} tensors compared, identical: {equal}")
+    for name, values in measured.items():
+        for same in values.get("same_tensors", [])[-1:]:
+            lines.append(f"{name} vs expand depth: {same['tensors_compared']} tensors compared (last round), "
+                         f"identical in every round: {all(s['identical'] for s in values['same_tensors'])}")
     cold = all(all(c) for c in (measured[name].get("cold_cache", [True]) for name in measured))
     results["load_average_after"] = load_average()
     lines += ["", "GB/s: bytes written / median wall; RSS/source: median peak RSS / source bytes; RSS/bound: "
               "largest peak RSS / (one output shard + the largest tensor)",
               f"page cache dropped before each run: {cold}",
               f"load average after (1/5/15 min): {results['load_average_after']}"]
-    for _, out in commands.values():
-        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(depth_out, ignore_errors=True)
     write_results("bench_scale", results, "\n".join(lines))
 
 

@@ -1,10 +1,11 @@
 """mergekit 0.1.5 itself (its Python API, in this process) against `expand depth` on every shipped SmolLM2
-recipe, applied to a tiny random checkpoint with SmolLM2's 30 layers: the same tensor names, shapes, dtypes
-and values, bit for bit. tests/test_depth.py checks the same recipes against mergekit's semantics as
+recipe and on a bare `{filter, value}` scale mapping, applied to a tiny random checkpoint with SmolLM2's 30
+layers: the same tensor names, shapes, dtypes and values, bit for bit. tests/test_depth.py checks the same recipes against mergekit's semantics as
 documented; this checks them against what mergekit does."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -31,14 +32,27 @@ def test_mergekit_version_is_the_pinned_one():
     assert version("mergekit") == "0.1.5"
 
 
-@pytest.mark.parametrize("recipe_path", SMOLLM2_RECIPES, ids=lambda p: p.stem)
-def test_expand_depth_writes_mergekit_s_tensors(tmp_path, tiny30, recipe_path):  # noqa: F811
-    recipe = yaml.safe_load(recipe_path.read_text())
+BARE_MAPPING = {  # a bare {filter, value} mapping, which mergekit takes as a one-element list
+    "merge_method": "passthrough", "dtype": "float32",
+    "slices": [{"sources": [{"model": "smollm2", "layer_range": [0, 20]}]},
+               {"sources": [{"model": "smollm2", "layer_range": [10, 30]}],
+                "parameters": {"scale": {"filter": "o_proj", "value": [0.0, 1.0]}}}]}
+
+
+def recipes() -> list:
+    return [pytest.param(yaml.safe_load(p.read_text()), id=p.stem) for p in SMOLLM2_RECIPES] + [
+        pytest.param(BARE_MAPPING, id="bare-filter-mapping")]
+
+
+@pytest.mark.parametrize("recipe", recipes())
+def test_expand_depth_writes_mergekit_s_tensors(tmp_path, tiny30, recipe):  # noqa: F811
+    recipe = copy.deepcopy(recipe)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     for slice_ in recipe["slices"]:
         for source in slice_["sources"]:
             source["model"] = str(tiny30)
     run_mergekit(recipe, tmp_path / "mergekit")
-    assert main(["depth", str(tiny30), str(tmp_path / "expand"), "--recipe", str(recipe_path)]) == 0
+    assert main(["depth", str(tiny30), str(tmp_path / "expand"), "--recipe", str(tmp_path / "recipe.yaml")]) == 0
     theirs, ours = SafetensorsSource(tmp_path / "mergekit"), SafetensorsSource(tmp_path / "expand")
     assert ours.names() == theirs.names()
     for name in sorted(theirs.names()):

@@ -98,6 +98,7 @@ def main() -> None:
         print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
               f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
               f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)
+        del config, params, grads  # before the next variant is built: two widened models at once need 10 GB
     results["wall_s"] = round(time.perf_counter() - start, 1)
     results["load_average_1min"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
