@@ -73,17 +73,9 @@ def main() -> None:
     tokens = token_batch(base, text, 512, 4)
     reference = run_base(base, tokens, "fp32")
     grad_tokens = jnp.asarray(tokens[:1, :257])
-    donors = {
-        "random donor": expand.Model(*_random_donor(base.config), source="random"),
-        "self-donor (SmolLM2 tiled x2)": _self_donor(base),
-    }
     results = {"base": "SmolLM2-135M-Instruct", "texts": {DEFAULT_TEXT: text_sha256(text)}, "target": TARGET,
                "tokens": list(tokens.shape), "fp32_floor": reference.floor, "variants": []}
-    variants = [(f"{o['mode']}{' triangular' if o.get('triangular') else ''}, {donor_name}",
-                 dict(TARGET, **o, donor=(donor.config, donor.params)), donor_name)
-                for donor_name, donor in donors.items() for o in DONOR_MODES]
-    variants += [(name, options, None) for name, options in NO_DONOR]
-    for name, options, donor_name in variants:
+    for name, options, donor_name in variants(base):
         config, params = expand.widen(base.config, base.params, **options)
         report = check(base, expand.Model(config, params, "widened"), tokens=tokens, base_run=reference, name=name)
         grads = jax.grad(lm_loss)(params, grad_tokens, config)
@@ -98,11 +90,26 @@ def main() -> None:
         print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
               f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
               f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)
-        del config, params, grads  # before the next variant is built: two widened models at once need 10 GB
+        del config, params, grads, options  # freed before the next variant is built
     results["wall_s"] = round(time.perf_counter() - start, 1)
     results["load_average_1min"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, HERE / "drift.png")
+
+
+def variants(base):
+    """(name, widen options, donor name) of every variant; each donor is built when its variants come and
+    dropped after them, so at most one donor is in memory (with every donor at once the study needs 11 GB)."""
+    donors = {"random donor": lambda: expand.Model(*_random_donor(base.config), source="random"),
+              "self-donor (SmolLM2 tiled x2)": lambda: _self_donor(base)}
+    for donor_name, build in donors.items():
+        donor = build()
+        for o in DONOR_MODES:
+            yield (f"{o['mode']}{' triangular' if o.get('triangular') else ''}, {donor_name}",
+                   dict(TARGET, **o, donor=(donor.config, donor.params)), donor_name)
+        del donor
+    for name, options in NO_DONOR:
+        yield name, options, None
 
 
 def _random_donor(base_config):
