@@ -8,13 +8,18 @@ gradient at init (LM loss on the same text). "New" entries: those at a position 
 (appended by exact, frankenllama, zero-norm); in duplicate mode, where every position copies a base one,
 the copies beyond the first (positions d .. 2d - 1 of a tiled axis).
 
-    python -m experiments.frankenllama.run        # writes results.json and drift.png beside this file
+    python -m experiments.frankenllama.run [NAME ...]   # writes results.json and drift.png beside this file
+
+results.json is rewritten after every variant (each with its own wall time and load average); given
+variant names (or a prefix of them, e.g. "duplicate"), only those run and replace their entries, so a run
+cut short resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -66,8 +71,7 @@ def zero_gradient_blocks(base_config, config, grads, options) -> dict[str, float
     return out
 
 
-def main() -> None:
-    start, load = time.perf_counter(), os.getloadavg()[0]
+def main(names: list[str]) -> None:
     base = expand.load("smollm2")
     text = shipped_text(DEFAULT_TEXT)
     tokens = token_batch(base, text, 512, 4)
@@ -75,41 +79,52 @@ def main() -> None:
     grad_tokens = jnp.asarray(tokens[:1, :257])
     results = {"base": "SmolLM2-135M-Instruct", "texts": {DEFAULT_TEXT: text_sha256(text)}, "target": TARGET,
                "tokens": list(tokens.shape), "fp32_floor": reference.floor, "variants": []}
-    for name, options, donor_name in variants(base):
+    done = json.loads((HERE / "results.json").read_text())["variants"] if names else []
+    order = [name for name, _, _ in variants(base, build=False)]
+    for name, options, donor_name in variants(base, wanted=names):
+        start, load = time.perf_counter(), os.getloadavg()[0]
         config, params = expand.widen(base.config, base.params, **options)
         report = check(base, expand.Model(config, params, "widened"), tokens=tokens, base_run=reference, name=name)
         grads = jax.grad(lm_loss)(params, grad_tokens, config)
         zero = zero_gradient_blocks(base.config, config, grads, options)
-        results["variants"].append({
+        done = [v for v in done if v["name"] != name] + [{
             "name": name, "options": {k: v for k, v in options.items() if k != "donor"}, "donor": donor_name,
             "max_abs_logit_delta": report.max_abs_logit_delta, "mean_kl": report.mean_kl,
             "top1_agreement": report.top1_agreement, "verdict": report.verdict,
             "first_drift_layer": report.first_drift_layer,
-            "new_entries_with_zero_gradient": zero,
-        })
+            "new_entries_with_zero_gradient": zero, "wall_s": round(time.perf_counter() - start, 1),
+            "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)},
+        }]
+        results["variants"] = sorted(done, key=lambda v: order.index(v["name"]))
+        (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
               f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
               f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)
         del config, params, grads, options  # freed before the next variant is built
-    results["wall_s"] = round(time.perf_counter() - start, 1)
-    results["load_average_1min"] = {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)}
-    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, HERE / "drift.png")
 
 
-def variants(base):
-    """(name, widen options, donor name) of every variant; each donor is built when its variants come and
-    dropped after them, so at most one donor is in memory (with every donor at once the study needs 11 GB)."""
+def variants(base, wanted: list[str] = (), build: bool = True):
+    """(name, widen options, donor name) of every variant (those whose name starts with one of `wanted`, if
+    given); each donor is built when its variants come and dropped after them, so at most one donor is in
+    memory (with every donor at once the study needs 11 GB). build=False: the names only."""
+    def chosen(name: str) -> bool:
+        return not wanted or any(name.startswith(w) for w in wanted)
+
     donors = {"random donor": lambda: expand.Model(*_random_donor(base.config), source="random"),
               "self-donor (SmolLM2 tiled x2)": lambda: _self_donor(base)}
-    for donor_name, build in donors.items():
-        donor = build()
-        for o in DONOR_MODES:
-            yield (f"{o['mode']}{' triangular' if o.get('triangular') else ''}, {donor_name}",
-                   dict(TARGET, **o, donor=(donor.config, donor.params)), donor_name)
+    for donor_name, make in donors.items():
+        names = [f"{o['mode']}{' triangular' if o.get('triangular') else ''}, {donor_name}" for o in DONOR_MODES]
+        if not any(map(chosen, names)):
+            continue
+        donor = make() if build else None
+        for name, o in zip(names, DONOR_MODES):
+            if chosen(name):
+                yield name, dict(TARGET, **o, donor=(donor.config, donor.params) if build else None), donor_name
         del donor
     for name, options in NO_DONOR:
-        yield name, options, None
+        if chosen(name):
+            yield name, options, None
 
 
 def _random_donor(base_config):
@@ -144,4 +159,4 @@ def plot(results, path):
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
