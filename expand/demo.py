@@ -60,7 +60,7 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
     from expand.io.atomic import atomic_dir, refuse_existing, refuse_overlap
     from expand.progress import progress_bar
     from expand.report import console, plot_layers, plot_summary, print_reports, summary_row
-    from expand.text import token_batch
+    from expand.text import DEFAULT_TEXT, shipped_text, text_sha256, token_batch
 
     inputs = [input_path("smollm2")]
     refuse_overlap(out, inputs)
@@ -69,7 +69,8 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
                   "the base on expand's own documentation")
     base = load("smollm2")
     tokenizer = load_tokenizer(base)
-    tokens = token_batch(base, None, seq_len, num_sequences)
+    text = shipped_text(DEFAULT_TEXT)
+    tokens, texts = token_batch(base, text, seq_len, num_sequences), {DEFAULT_TEXT: text_sha256(text)}
     reports, answers = [], {"base": answer(base, None, tokenizer)}
     steps = list(variants(base))
     with progress_bar("checking variants", total=len(steps) + 1) as advance:
@@ -86,7 +87,7 @@ def run_demo(out: str | Path, overwrite: bool = False, seq_len: int = 512, num_s
     for name, text in answers.items():
         console.print(Text(f"  {name}", style="cyan") + Text(f": {text}"))
     with atomic_dir(out, overwrite, inputs=inputs) as tmp:
-        summary = {"prompt": CHAT_PROMPT, "tokens": list(tokens.shape), "floor": base_run.floor,
+        summary = {"prompt": CHAT_PROMPT, "texts": texts, "tokens": list(tokens.shape), "floor": base_run.floor,
                    "table": [summary_row(r) for r in reports], "answers": answers,
                    "reports": [r.to_json() for r in reports]}
         (tmp / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

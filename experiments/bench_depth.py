@@ -1,30 +1,51 @@
-"""`expand depth` vs `mergekit-yaml` on the same passthrough recipe and source: wall time and peak RSS of
-each, measured in one run, and a check that both wrote the same tensors.
+"""`expand depth` vs `mergekit-yaml` 0.1.5 on the same passthrough recipe and source: wall time and peak RSS
+of each whole process (start-up, imports, reading, planning, writing), and a check that both wrote the same
+tensors.
 
 Sources: the embedded SmolLM2 converted to an fp32 HF directory (recipe: the Llama-3-120B pattern scaled to
 30 layers, experiments/recipes/smollm2-120b-pattern.yaml) and a random Llama-3.2-1B-shaped model in bf16
-(16 layers -> 24, slices 0-8, 4-12, 8-16). mergekit 0.1.5 is installed (with torch==2.13.0) into its own
-venv under the cache on first use.
+(16 layers -> 24, slices 0-8, 4-12, 8-16).
 
-    python experiments/bench_depth.py
+Settings (written into the output too):
+  shard sizes  expand at its default --max-shard-size 2GB (2e9 bytes). mergekit at its default
+               --out-shard-size 5B and at 2B: mergekit counts bytes (its help says parameters), so 5B is a
+               5e9-byte shard, larger than either output here, and mergekit keeps every output tensor in
+               memory until it writes the one shard at the end; 2B is expand's 2e9 bytes.
+  page cache   warm: an uncounted warm-up round reads the sources first; nothing is dropped.
+  repeats      REPEATS counted rounds after the warm-up; in round r the three runs go in their order rotated
+               by r (each is first once); medians with min and max are reported.
+  load         the 1/5/15-minute load average before and after: the machine may be shared.
+
+    python -m experiments.bench_depth [--repeats 3]
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import cache_dir, python_json, run_measured, write_results  # noqa: E402
+from experiments.benchlib import (alternating, cache_dir, load_average, python_json, run_measured, spread,
+                                  write_results)
 
 MERGEKIT = "mergekit==0.1.5"
 RECIPES = Path(__file__).parent / "recipes"
+REPEATS = 3
+EXPAND_SHARD = "2GB"
+MERGEKIT_SHARDS = {"mergekit (5B shard, its default)": "5B", "mergekit (2B shard)": "2B"}
 
 
 def mergekit_venv() -> Path:
+    """mergekit-yaml 0.1.5: this environment's (the test extras install it), else one installed (with
+    torch==2.13.0) into its own venv under the cache on first use."""
+    here = Path(sys.executable).parent / "mergekit-yaml"
+    if here.exists() and python_json("from importlib.metadata import version; "
+                                     "print(json.dumps(version('mergekit')))") == "0.1.5":
+        return here
     venv = cache_dir("mergekit-0.1.5")
     exe = venv / "bin" / "mergekit-yaml"
     if not exe.exists():
@@ -37,7 +58,7 @@ def mergekit_venv() -> Path:
 def prepare_sources(smol: Path, big: Path) -> None:
     """Write the two source checkpoints once (run in a child process: see benchlib.run_measured)."""
     import expand
-    from synthetic import LLAMA_1B, write_random_checkpoint
+    from experiments.synthetic import LLAMA_1B, write_random_checkpoint
 
     smol, big = Path(smol), Path(big)
     if not smol.exists():
@@ -51,7 +72,7 @@ def sources() -> dict[str, tuple[Path, dict]]:
     """name -> (checkpoint dir, recipe dict with the model path filled in)."""
     root = cache_dir("depth-sources")
     smol, big = root / "smollm2-fp32", root / "random-1b-bf16"
-    python_json(f"import bench_depth; bench_depth.prepare_sources({str(smol)!r}, {str(big)!r})")
+    python_json(f"from experiments import bench_depth; bench_depth.prepare_sources({str(smol)!r}, {str(big)!r})")
     smol_recipe = yaml.safe_load((RECIPES / "smollm2-120b-pattern.yaml").read_text())
     for s in smol_recipe["slices"]:
         s["sources"][0]["model"] = str(smol)
@@ -76,34 +97,76 @@ def same_tensors(ours: Path, theirs: Path) -> tuple[bool, int]:
     return bool(equal and names <= a.names()), len(names)
 
 
+def fresh(command: list[str], out: Path):
+    """A run of `command` into an emptied `out` (mergekit writes into an existing directory)."""
+    def run() -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        return run_measured(command)
+    return run
+
+
+def output_facts(directory: Path) -> dict:
+    files = sorted(directory.glob("*.safetensors"))
+    return {"bytes": sum(f.stat().st_size for f in files), "shards": len(files)}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    args = parser.parse_args()
     mergekit = mergekit_venv()
     work = cache_dir("depth-outputs")
-    results = {"device": python_json("import benchlib; print(json.dumps(benchlib.device_line()))"),
-               "mergekit": MERGEKIT, "runs": []}
-    lines = [f"device: {results['device']}", "",
-             f"{'source':42s} {'tool':9s} {'wall s':>8s} {'peak RSS MiB':>13s}"]
+    results = {"device": python_json("from experiments import benchlib; print(json.dumps(benchlib.device_line()))"),
+               "mergekit": MERGEKIT,
+               "settings": {"expand_max_shard_size": EXPAND_SHARD,
+                            "mergekit_out_shard_size": MERGEKIT_SHARDS,
+                            "page_cache": "warm (an uncounted warm-up round first; nothing dropped)",
+                            "repeats": args.repeats,
+                            "order": "alternating: round r runs the tools in their listed order rotated by r",
+                            "timed": "each whole process: start-up, imports, read, plan, write"},
+               "load_average_before": load_average(), "runs": []}
+    lines = [f"device: {results['device']}",
+             f"settings: expand --max-shard-size {EXPAND_SHARD}; mergekit --out-shard-size "
+             f"{' and '.join(MERGEKIT_SHARDS.values())} (bytes); warm page cache after a warm-up round; "
+             f"{args.repeats} rounds, order rotated each round; whole processes timed",
+             f"load average before (1/5/15 min): {results['load_average_before']}", "",
+             f"{'source':42s} {'tool':33s} {'wall s: median (min-max)':>26s} {'peak RSS MiB: median (min-max)':>32s}"]
     for name, (source, recipe) in sources().items():
         recipe_file = work / "recipe.yaml"
         recipe_file.write_text(yaml.safe_dump(recipe))
-        ours, theirs = work / "expand-out", work / "mergekit-out"
-        expand_run = run_measured([sys.executable, "-m", "expand.cli", "depth", str(source), str(ours),
-                                   "--recipe", str(recipe_file), "--force"])
-        subprocess.run(["rm", "-rf", str(theirs)], check=True)
-        mergekit_run = run_measured([str(mergekit), str(recipe_file), str(theirs), "--no-copy-tokenizer"])
-        equal, count = python_json(
-            f"import bench_depth; print(json.dumps(bench_depth.same_tensors({str(ours)!r}, {str(theirs)!r})))")
-        run = {"source": name, "expand": expand_run, "mergekit": mergekit_run,
-               "speedup": round(mergekit_run["wall_s"] / expand_run["wall_s"], 2),
-               "peak_rss_ratio": round(expand_run["peak_rss_mib"] / mergekit_run["peak_rss_mib"], 3),
-               "tensors_compared": count, "identical_tensors": equal,
-               "source_bytes": sum(f.stat().st_size for f in source.glob("*.safetensors"))}
-        results["runs"].append(run)
-        for tool in ("expand", "mergekit"):
-            lines.append(f"{name:42s} {tool:9s} {run[tool]['wall_s']:8.2f} {run[tool]['peak_rss_mib']:13.1f}")
-        lines.append(f"{'':42s} expand is {run['speedup']}x faster, uses {run['peak_rss_ratio']:.0%} of mergekit's "
-                     f"peak RSS; {count} tensors compared, identical: {equal}")
-        print("\n".join(lines[-3:]), flush=True)
+        outs = {"expand": work / "expand-out", **{tool: work / f"mergekit-out-{size}"
+                                                  for tool, size in MERGEKIT_SHARDS.items()}}
+        runs = {"expand": fresh([sys.executable, "-m", "expand.cli", "depth", str(source), str(outs["expand"]),
+                                 "--recipe", str(recipe_file), "--max-shard-size", EXPAND_SHARD, "--force"],
+                                outs["expand"])}
+        for tool, size in MERGEKIT_SHARDS.items():
+            runs[tool] = fresh([str(mergekit), str(recipe_file), str(outs[tool]), "--no-copy-tokenizer",
+                                "--out-shard-size", size], outs[tool])
+        measured = alternating(runs, args.repeats)
+        row = {"source": name, "source_bytes": sum(f.stat().st_size for f in source.glob("*.safetensors")),
+               "tools": {}}
+        for tool, values in measured.items():
+            row["tools"][tool] = values | {"wall": spread(values["wall_s"]), "rss": spread(values["peak_rss_mib"]),
+                                           "output": output_facts(outs[tool])}
+            w, m = row["tools"][tool]["wall"], row["tools"][tool]["rss"]
+            lines.append(f"{name:42s} {tool:33s} {w['median']:9.2f} ({w['min']:.2f}-{w['max']:.2f})"
+                         f"       {m['median']:9.0f} ({m['min']:.0f}-{m['max']:.0f})")
+        for tool in MERGEKIT_SHARDS:
+            equal, count = python_json(f"from experiments import bench_depth; print(json.dumps("
+                                       f"bench_depth.same_tensors({str(outs['expand'])!r}, {str(outs[tool])!r})))")
+            ours, theirs = row["tools"]["expand"], row["tools"][tool]
+            wall_ratio = round(theirs["wall"]["median"] / ours["wall"]["median"], 2)
+            rss_ratio = round(ours["rss"]["median"] / theirs["rss"]["median"], 3)
+            theirs |= {"tensors_compared": count, "identical_to_expand": equal,
+                       "median_wall_over_expand": wall_ratio, "expand_median_rss_over_it": rss_ratio}
+            lines.append(f"{'':42s} {tool}'s median wall / expand's: {wall_ratio}; expand's median peak RSS / "
+                         f"its: {rss_ratio:.0%}; {count} tensors compared, identical: {equal}")
+        results["runs"].append(row)
+        print("\n".join(lines[-5:]), flush=True)
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    results["load_average_after"] = load_average()
+    lines += ["", f"load average after (1/5/15 min): {results['load_average_after']}"]
     write_results("bench_depth", results, "\n".join(lines))
 
 

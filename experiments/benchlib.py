@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark scripts: the device line, child processes measured for wall time and
-peak RSS, and where benchmark inputs are cached.
+peak RSS, several tools run alternately with repeats (median and range), and where benchmark inputs are
+cached. Run the scripts as modules from the repository root (`python -m experiments.bench_depth`).
 
 Peak RSS comes from the kernel's accounting of each child (wait4's ru_maxrss). That figure includes the
 memory the parent had when it forked the child, so a measuring parent must stay small: it imports
@@ -10,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).parents[1]
 
 
 def cache_dir(name: str) -> Path:
@@ -46,9 +50,11 @@ def device_line() -> str:
 
 
 def python_json(code: str):
-    """Run Python code in a child process (cwd: experiments/) and return the JSON it prints last."""
+    """Run Python code in a child process (cwd: experiments/, the repository root on its PYTHONPATH, so that
+    `from experiments import bench_depth` works) and return the JSON it prints last."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=Path(__file__).parent,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if out.returncode != 0:
         sys.exit(f"child process failed:\n{out.stderr[-3000:]}")
     lines = [line for line in out.stdout.splitlines() if line.strip()]
@@ -67,6 +73,36 @@ def run_measured(command: list[str], env: dict | None = None) -> dict:
     if code != 0:
         sys.exit(f"{' '.join(command)} failed with exit status {code}:\n{output[-3000:]}")
     return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def alternating(runs: dict[str, Callable[[], dict]], repeats: int, warmup: bool = True) -> dict:
+    """Call every run `repeats` times, alternating: round r calls them in their order rotated by r, so each
+    takes each place in the order about equally often. With `warmup`, one uncounted round comes first (it
+    fills the page cache, compiles, installs). Each call returns {"wall_s": .., "peak_rss_mib": .., ...};
+    returns {name: {key: [its value in each counted round], "order": [its place in each round]}}."""
+    names = list(runs)
+    out = {name: {"order": []} for name in names}
+    for r in range(-1 if warmup else 0, repeats):
+        order = names[r % len(names):] + names[:r % len(names)] if r >= 0 else names
+        for place, name in enumerate(order):
+            result = runs[name]()
+            print(f"{'warm-up' if r < 0 else f'round {r + 1}/{repeats}'}: {name}: {result['wall_s']:.2f} s, "
+                  f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+            if r >= 0:
+                for key, value in result.items():
+                    out[name].setdefault(key, []).append(value)
+                out[name]["order"].append(place)
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (the machine may be shared: timings are only as quiet as it)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def write_results(name: str, results: dict, text: str) -> None:

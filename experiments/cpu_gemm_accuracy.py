@@ -3,7 +3,7 @@
 one run. Error: max |C - C64| / max |C64| against numpy float64, for the SmolLM2 MLP shape
 (512 x 576) @ (576 x 1536); time: best of 20.
 
-    python experiments/cpu_gemm_accuracy.py
+    python -m experiments.cpu_gemm_accuracy
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import python_json, write_results  # noqa: E402
+from experiments.benchlib import python_json, write_results
 
 MEASURE = """
 import json, time
@@ -42,7 +40,7 @@ def measure(xla_flags: str) -> dict:
 
 
 def main() -> None:
-    device = python_json("import benchlib; print(json.dumps(benchlib.device_line()))")
+    device = python_json("from experiments import benchlib; print(json.dumps(benchlib.device_line()))")
     default, blas = measure(""), measure("--xla_cpu_experimental_ynn_fusion_type=")
     lines = [f"device: {device}", "",
              f"default XLA:CPU      relative error {default['relative_error']:.2e}  {default['gflops']:.1f} GFLOP/s",

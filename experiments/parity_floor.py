@@ -1,42 +1,35 @@
-"""How close can fp32 parity with transformers be? On the embedded SmolLM2 (512 real tokens per window,
-residual stream up to ~3e4), measure in one run, per window:
+"""How close can fp32 parity with transformers be? On the embedded SmolLM2 (the first 4 windows of 512
+tokens of the shipped text `expand-docs`, whose sha256 the results record; residual stream up to ~3e4),
+measure in one run, per window:
 
 - expand fp32 vs transformers fp32 (what the parity tests bound),
 - transformers fp32 vs transformers float64 (the reference's own fp32 error),
 - expand fp32 vs expand float64 (expand's own fp32 error),
 - expand float64 vs transformers float64 (the implementations, nearly without rounding).
 
-    python experiments/parity_floor.py
+    python -m experiments.parity_floor
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import device_line, write_results  # noqa: E402
+import expand
+from expand.check import run_in
+from expand.text import shipped_text, text_sha256, token_batch
+from experiments.benchlib import device_line, write_results
 
-import expand  # noqa: E402
-from expand.check import run_in  # noqa: E402
-from expand.text import default_text  # noqa: E402
-
-TEXT = Path("/usr/share/common-licenses/Apache-2.0")
+TEXT, WINDOWS = "expand-docs", 4
 
 
 def main() -> None:
     import torch
 
-    from bench_forward import torch_model
+    from experiments.bench_forward import torch_model
 
     model = expand.load("smollm2")
-    tokenizer = expand.load_tokenizer(model)
-    text = TEXT.read_text() if TEXT.exists() else default_text()
-    all_ids = tokenizer(text)["input_ids"]
-    windows = min(5, len(all_ids) // 512)
-    ids = np.asarray(all_ids[: windows * 512]).reshape(windows, 512)
+    text = shipped_text(TEXT)
+    ids = token_batch(model, text, 512, WINDOWS)
     ref32, ref64 = torch_model(model, torch.float32), torch_model(model, torch.float64)
     rows = []
     for w, window in enumerate(ids):
@@ -51,13 +44,14 @@ def main() -> None:
                "max_abs_logit": np.abs(t64).max()}
         rows.append({k: v if k == "window" else float(v) for k, v in row.items()})
         print(" ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()), flush=True)
-    lines = [f"device: {device_line()}", f"text: {TEXT if TEXT.exists() else 'expand documentation'}, "
-             f"{len(ids)} windows of 512 tokens", "",
+    texts = {TEXT: text_sha256(text)}
+    lines = [f"device: {device_line()}", f"text: {TEXT} (sha256 {texts[TEXT]}), {len(ids)} windows of 512 "
+             "tokens", "",
              f"{'window':>6s} {'e32-t32':>9s} {'t32-t64':>9s} {'e32-e64':>9s} {'e64-t64':>9s} {'max|logit|':>10s}"]
     for r in rows:
         lines.append(f"{r['window']:6d} {r['expand32_vs_torch32']:9.2e} {r['torch32_vs_torch64']:9.2e} "
                      f"{r['expand32_vs_expand64']:9.2e} {r['expand64_vs_torch64']:9.2e} {r['max_abs_logit']:10.1f}")
-    write_results("parity_floor", {"device": device_line(), "rows": rows}, "\n".join(lines))
+    write_results("parity_floor", {"device": device_line(), "texts": texts, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

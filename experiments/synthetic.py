@@ -1,7 +1,7 @@
 """Random Llama checkpoints of any size, written tensor by tensor (peak memory: one tensor), for benchmarks
 that need a model bigger than the embedded SmolLM2.
 
-    python experiments/synthetic.py OUT --like experiments/configs/llama-3-8b [--layers 4] [--dtype bfloat16]
+    python -m experiments.synthetic OUT --like experiments/configs/llama-3-8b [--layers 4] [--dtype bfloat16]
 """
 
 from __future__ import annotations

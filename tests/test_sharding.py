@@ -42,7 +42,8 @@ def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     assert out["shard_shapes"]["layers.self_attn.q_proj.weight"] == [list(q_shard)]
     assert out["healed_spec"] == q_spec
     # sharding reorders sums (fsdp splits the contraction over embed) and compiles other GEMM kernels: the
-    # sharded fp32 logits are as close to float64 as the one-device fp32 logits are (the fp32 floor)
+    # sharded fp32 logits: within twice the one-device fp32 distance from float64 (the fp32 floor), and
+    # within 3x that floor of the one-device logits
     assert out["sharded_vs_fp64"] <= 2 * out["fp32_floor"] and out["forward_max_diff"] <= 3 * out["fp32_floor"]
     assert max(out["check_diff"].values()) <= 1e-5
     assert out["ablate_diff"] <= 1e-5
