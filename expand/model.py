@@ -93,24 +93,27 @@ def _linear(x, weight, bias, equation):
     return y if bias is None else y + bias
 
 
-def attention(x, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
-    """x (B, T, d) -> (B, T, d), and the layer's (k, v) cache (B, S, m, h) after writing this step.
+def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
+    """x (B, T, d) -> (B, T, d), and the cache after writing this step's keys and values.
 
     q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,T,m,h); RoPE on q and k; query head j reads kv head
-    j // (n/m); softmax(q k^T / sqrt(h) + mask) v; then Wo back to d. With a cache, k and v are written at
-    slots [cache_index, cache_index + T) and attention runs over all S cache slots."""
+    j // (n/m); softmax(q k^T / sqrt(h) + mask) v; then Wo back to d. With a cache (k, v), each
+    (N, B, S, m, h), and cache_at = (slot, index): k and v are written in place at [slot, :, index:index+T]
+    and attention runs over that slot's S cache positions."""
     q = _linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
     k = _linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
     v = _linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
+        slot, index = cache_at
+        kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (slot, 0, index, 0, 0))
+                         for c, new in zip(kv_cache, (k, v)))
+        k, v = (c[slot] for c in kv_cache)
     out = jax.nn.dot_product_attention(
         q, k, v, mask=mask, scale=config.head_dim**-0.5, implementation=implementation
     )
     y = _linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
-    return y, (k, v)
+    return y, kv_cache
 
 
 def mlp(x, w):
@@ -121,11 +124,11 @@ def mlp(x, w):
                    "btf,fd->btd")
 
 
-def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
+def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
     """One pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.))."""
     a, kv_cache = attention(
         rms_norm(h, w["layers.input_layernorm.weight"], config.rms_norm_eps),
-        w, cos, sin, mask, kv_cache, cache_index, config, implementation,
+        w, cos, sin, mask, kv_cache, cache_at, config, implementation,
     )
     h = h + a
     h = h + mlp(rms_norm(h, w["layers.post_attention_layernorm.weight"], config.rms_norm_eps), w)
@@ -140,15 +143,18 @@ def _precision(dtype):
 
 def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_ids, slot_scales,
             kv_cache=None, cache_index=0, collect_hidden=False, implementation=None, resume=None):
-    """The whole stack. tokens, positions (B, T); key_valid (B, S) marks keys that may be attended;
-    layer_ids (N,); slot_scales {name: (N,)}; kv_cache (k, v) each (N, B, S, m, h) or None.
+    """The stack of slots, without the final norm and head (`lm_head`). tokens, positions (B, T);
+    key_valid (B, S) marks keys that may be attended; layer_ids (N,); slot_scales {name: (N,)};
+    kv_cache (k, v) each (N, B, S, m, h) or None: this step's keys and values are written in place at
+    cache positions [cache_index, cache_index + T) (the cache is part of the scan's carry, so nothing but
+    those positions is rewritten).
     resume (k, h): start from the residual stream h (B, T, d) entering slot k and skip slots 0 .. k-1
     (a `lax.cond` per slot, so one compiled function serves every k); the caller vouches that h is what
     those slots compute.
 
-    Returns logits (B, T, V) float32, the updated cache, and (if collect_hidden) the residual stream
-    (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output of slot s (before the
-    final norm)."""
+    Returns the residual stream after the last slot (B, T, d), the updated cache, and (if collect_hidden)
+    the residual stream per slot (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output
+    of slot s."""
     embed = params["embed_tokens.weight"]
     dtype = embed.dtype
     with _precision(dtype):
@@ -160,31 +166,37 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
         mask = key_valid[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
         stacked = {n: a for n, a in params.items() if n.startswith("layers.")}
 
-        def run_slot(h, layer, scales, cache):
+        def run_slot(h, cache, index, layer, scales):
             w = {n: a[layer] for n, a in stacked.items()}
             for name, s in scales.items():
                 if name in w:  # a plan may scale biases that this model does not have
                     w[name] = scale_rounded(w[name], s)
-            h, new_cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
-            return h, None if cache is None else new_cache
+            return decoder_layer(h, w, cos, sin, mask, cache, (index, cache_index), config, implementation)
 
-        def slot(h, xs):
-            index, layer, scales, cache = xs
+        def slot(carry, xs):
+            index, layer, scales = xs
             if resume is None:
-                h, cache = run_slot(h, layer, scales, cache)
+                carry = run_slot(*carry, index, layer, scales)
             else:
-                h, cache = jax.lax.cond(index < resume[0], lambda h: (h, cache),
-                                        lambda h: run_slot(h, layer, scales, cache), h)
-            return h, (h if collect_hidden else None, cache)
+                carry = jax.lax.cond(index < resume[0], lambda h, cache: (h, cache),
+                                     lambda h, cache: run_slot(h, cache, index, layer, scales), *carry)
+            return carry, carry[0] if collect_hidden else None
 
         slots = jnp.arange(layer_ids.shape[0])
-        h_out, (hidden, kv_cache) = jax.lax.scan(slot, h, (slots, layer_ids, slot_scales, kv_cache))
-        normed = rms_norm(h_out, params["norm.weight"], config.rms_norm_eps)
-        head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
-        logits = jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(dtype, jnp.float32))
+        (h_out, kv_cache), hidden = jax.lax.scan(slot, (h, kv_cache), (slots, layer_ids, slot_scales))
     if collect_hidden:
         hidden = jnp.concatenate([h[None], hidden], axis=0)
-    return logits, kv_cache, hidden
+    return h_out, kv_cache, hidden
+
+
+def lm_head(params: Params, h, config: Config) -> jax.Array:
+    """The final RMSNorm and the output projection: h (B, T, d) -> logits (B, T, V) in float32 (float64
+    for float64 params); the head is embed_tokens transposed when the embeddings are tied."""
+    embed = params["embed_tokens.weight"]
+    with _precision(embed.dtype):
+        normed = rms_norm(h, params["norm.weight"], config.rms_norm_eps)
+        head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
+        return jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(embed.dtype, jnp.float32))
 
 
 def default_layer_ids(config: Config) -> jax.Array:
@@ -211,8 +223,9 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
     layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     key_valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-    logits, _, hidden = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales or {},
-                                collect_hidden=return_hidden, implementation=implementation, resume=resume)
+    h, _, hidden = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales or {},
+                           collect_hidden=return_hidden, implementation=implementation, resume=resume)
+    logits = lm_head(params, h, config)
     return (logits, hidden) if return_hidden else logits
 
 
