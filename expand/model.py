@@ -9,7 +9,8 @@ Shapes: B batch, T query tokens, S key slots (T, or the KV cache length), d hidd
 m kv heads, h head_dim, f intermediate size, V vocab, L stored layers, N slots.
 
 Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32 then cast back before the gain,
-rotate-half RoPE with cos/sin cast to the compute dtype, softmax in float32. Float32 (and float64)
+rotate-half RoPE with cos/sin cast to the compute dtype, attention scores and softmax in float32 (float64
+for float64 params). Float32 (and float64)
 params run with `matmul precision = highest` (the reference mode: no TF32 on GPUs); bfloat16 params run
 in bfloat16.
 """
@@ -93,25 +94,68 @@ def _linear(x, weight, bias, equation):
     return y if bias is None else y + bias
 
 
+# Queries per block of causal attention: a block reads only the keys up to its last query.
+ATTENTION_BLOCK = 128
+
+
+def _masked_value(dtype) -> float:
+    """The score given to masked keys: finite (a row with no valid key averages the values instead of
+    producing NaN), far below any real score."""
+    return -0.7 * float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).max)
+
+
+def attend(q, k, v, mask, scale: float, first_query: int | None):
+    """Softmax attention: q (B, T, n, h), k and v (B, S, m, h), mask (B, 1, T, S) -> (B, T, n, h); query
+    head j reads kv head j // (n/m). Scores q.k * scale and the softmax in float32 (float64 for float64
+    inputs), the probabilities cast to the values' dtype for the value product; the softmax denominator
+    divides the output (B, T, n, h) rather than every score.
+
+    first_query: the key position of query 0 when it is a trace-time int (a forward pass or a prefill:
+    query t sees no key after first_query + t); queries then run in blocks of ATTENTION_BLOCK, each
+    reading only the keys up to its last query, which skips about half the scores of a long prompt.
+    None (a decoding step at a traced position): every query reads all S keys."""
+    batch, length, heads, head_dim = q.shape
+    num_keys, kv_heads = k.shape[1], k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    if first_query is None:
+        blocks = [(0, length, num_keys)]
+    else:
+        starts = range(0, length, ATTENTION_BLOCK)
+        blocks = [(a, min(a + ATTENTION_BLOCK, length), min(first_query + a + ATTENTION_BLOCK, num_keys)) for a in starts]
+    outs = []
+    for start, stop, keys in blocks:
+        scores = jnp.einsum("btmgh,bsmh->bmgts", q[:, start:stop], k[:, :keys], preferred_element_type=acc) * scale
+        scores = jnp.where(mask[:, :, None, start:stop, :keys], scores, _masked_value(acc))
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+        out = jnp.einsum("bmgts,bsmh->btmgh", weights.astype(v.dtype), v[:, :keys], preferred_element_type=acc)
+        total = jnp.moveaxis(weights.sum(axis=-1), -1, 1)[..., None]  # (B, t, m, g, 1)
+        outs.append((out / total).astype(q.dtype))
+    return jnp.concatenate(outs, axis=1).reshape(batch, length, heads, head_dim)
+
+
 def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
     """x (B, T, d) -> (B, T, d), and the cache after writing this step's keys and values.
 
-    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,T,m,h); RoPE on q and k; query head j reads kv head
-    j // (n/m); softmax(q k^T / sqrt(h) + mask) v; then Wo back to d. With a cache (k, v), each
-    (N, B, S, m, h), and cache_at = (slot, index): k and v are written in place at [slot, :, index:index+T]
-    and attention runs over that slot's S cache positions."""
+    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,T,m,h); RoPE on q and k; softmax(q k^T / sqrt(h) + mask) v
+    (`attend`, or `jax.nn.dot_product_attention` with the named implementation); then Wo back to d.
+    cache_at = (slot, index): this step's first query sits at key position `index`. With a cache (k, v),
+    each (N, B, S, m, h), k and v are written in place at [slot, :, index:index+T] and attention runs over
+    that slot's S cache positions."""
     q = _linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
     k = _linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
     v = _linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    slot, index = cache_at
     if kv_cache is not None:
-        slot, index = cache_at
         kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (slot, 0, index, 0, 0))
                          for c, new in zip(kv_cache, (k, v)))
         k, v = (c[slot] for c in kv_cache)
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=config.head_dim**-0.5, implementation=implementation
-    )
+    scale = config.head_dim**-0.5
+    if implementation is None:
+        out = attend(q, k, v, mask, scale, index if isinstance(index, int) else None)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
     y = _linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
     return y, kv_cache
 
@@ -213,7 +257,8 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
         o_proj and down_proj by 0; mergekit `scale` parameters; residual gates).
     attention_mask (B, T): 1 for real tokens, 0 for right padding (positions stay 0..T-1).
     return_hidden: also return the residual stream per slot, (N + 1, B, T, d).
-    implementation: `jax.nn.dot_product_attention` backend ('xla', 'cudnn' or None for automatic).
+    implementation: None for `attend` (XLA ops on any backend, causal blocks), or 'xla' / 'cudnn' for
+        `jax.nn.dot_product_attention` with that backend.
     resume (k, h (B, T, d)): skip the first k slots and start from h, the residual stream another run
         computed entering slot k (e.g. `return_hidden`'s [k] of a plan with the same first k slots).
     """
