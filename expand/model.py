@@ -95,20 +95,20 @@ def _linear(x, weight, bias, equation):
 
 
 # Queries per block of causal attention: a block reads only the keys up to its last query.
-ATTENTION_BLOCK = 128
+ATTENTION_BLOCK = 64
 
 
 def _masked_value(dtype) -> float:
-    """The score given to masked keys: finite (a row with no valid key averages the values instead of
-    producing NaN), far below any real score."""
+    """What masked keys add to their scores: finite (a query with no valid key gets finite weights, not
+    NaN), and so far below any real score that their weights are exactly 0 otherwise."""
     return -0.7 * float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).max)
 
 
 def attend(q, k, v, mask, scale: float, first_query: int | None):
     """Softmax attention: q (B, T, n, h), k and v (B, S, m, h), mask (B, 1, T, S) -> (B, T, n, h); query
-    head j reads kv head j // (n/m). Scores q.k * scale and the softmax in float32 (float64 for float64
-    inputs), the probabilities cast to the values' dtype for the value product; the softmax denominator
-    divides the output (B, T, n, h) rather than every score.
+    head j reads kv head j // (n/m). Scores q.k * scale (plus `_masked_value` where the mask is False) and
+    the softmax in float32 (float64 for float64 inputs), the probabilities cast to the values' dtype for
+    the value product; the softmax denominator divides the output (B, T, n, h) rather than every score.
 
     first_query: the key position of query 0 when it is a trace-time int (a forward pass or a prefill:
     query t sees no key after first_query + t); queries then run in blocks of ATTENTION_BLOCK, each
@@ -117,21 +117,25 @@ def attend(q, k, v, mask, scale: float, first_query: int | None):
     batch, length, heads, head_dim = q.shape
     num_keys, kv_heads = k.shape[1], k.shape[2]
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    # kv-head-major layouts, made once: q (B, m, g, T, h), k and v (B, m, S, h)
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    bias = jnp.where(mask, jnp.zeros((), acc), _masked_value(acc))[:, :, None]  # (B, 1, 1, T, S)
     if first_query is None:
         blocks = [(0, length, num_keys)]
     else:
         starts = range(0, length, ATTENTION_BLOCK)
-        blocks = [(a, min(a + ATTENTION_BLOCK, length), min(first_query + a + ATTENTION_BLOCK, num_keys)) for a in starts]
+        blocks = [(a, min(a + ATTENTION_BLOCK, length), min(first_query + a + ATTENTION_BLOCK, num_keys))
+                  for a in starts]
     outs = []
     for start, stop, keys in blocks:
-        scores = jnp.einsum("btmgh,bsmh->bmgts", q[:, start:stop], k[:, :keys], preferred_element_type=acc) * scale
-        scores = jnp.where(mask[:, :, None, start:stop, :keys], scores, _masked_value(acc))
+        scores = jnp.einsum("bmgth,bmsh->bmgts", q[:, :, :, start:stop], k[:, :, :keys], preferred_element_type=acc)
+        scores = scores * scale + bias[:, :, :, start:stop, :keys]
         weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-        out = jnp.einsum("bmgts,bsmh->btmgh", weights.astype(v.dtype), v[:, :keys], preferred_element_type=acc)
-        total = jnp.moveaxis(weights.sum(axis=-1), -1, 1)[..., None]  # (B, t, m, g, 1)
-        outs.append((out / total).astype(q.dtype))
-    return jnp.concatenate(outs, axis=1).reshape(batch, length, heads, head_dim)
+        out = jnp.einsum("bmgts,bmsh->bmgth", weights.astype(v.dtype), v[:, :, :keys], preferred_element_type=acc)
+        outs.append((out / weights.sum(axis=-1, keepdims=True)).astype(q.dtype))
+    out = jnp.concatenate(outs, axis=3)  # (B, m, g, T, h)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
 def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
