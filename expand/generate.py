@@ -1,7 +1,7 @@
 """Generation with a KV cache: prefill the prompts, then decode in compiled chunks of tokens, greedy or
 nucleus sampling.
 
-Every slot of the network keeps its own KV cache (N, B, S, m, h), also when two slots run the same stored
+Every slot of the network keeps its own KV cache (N, B, m, S, h), also when two slots run the same stored
 layer (a depth plan run virtually), so a virtual plan generates exactly what its materialized model would.
 
 Decoding runs up to `CHUNK` tokens per call of one compiled loop (`_decode`): the forward step, the cache
@@ -97,7 +97,7 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens`, stopping a row at EOS.
 
-    Prompts are left-padded to one length; every slot keeps its own KV cache (N, B, S, m, h), also when
+    Prompts are left-padded to one length; every slot keeps its own KV cache (N, B, m, S, h), also when
     two slots share weights. `on_token(row, token)` is called for each chosen token, in order, as each
     chunk of up to CHUNK tokens arrives from the device (for streaming).
     Returns the new tokens of each row, without the EOS token."""
@@ -120,7 +120,7 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
     lengths = np.array([len(p) for p in prompts], np.int32)
     positions = np.clip(np.cumsum(key_valid[:, :prompt_len], axis=1) - 1, 0, None).astype(np.int32)
 
-    cache_shape = (len(layer_ids), batch, total, config.num_key_value_heads, config.head_dim)
+    cache_shape = (len(layer_ids), batch, config.num_key_value_heads, total, config.head_dim)
     kv_cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
     key_valid = jnp.asarray(key_valid)
     sampling = {"config": config, "layer_ids": layer_ids, "slot_scales": slot_scales,

@@ -105,8 +105,8 @@ def _masked_value(dtype) -> float:
 
 
 def attend(q, k, v, mask, scale: float, first_query: int | None):
-    """Softmax attention: q (B, T, n, h), k and v (B, S, m, h), mask (B, 1, T, S) -> (B, T, n, h); query
-    head j reads kv head j // (n/m). Scores q.k * scale (plus `_masked_value` where the mask is False) and
+    """Softmax attention: q (B, T, n, h), k and v (B, m, S, h) (kv-head-major), mask (B, 1, T, S) ->
+    (B, T, n, h); query head j reads kv head j // (n/m). Scores q.k * scale (plus `_masked_value` where the mask is False) and
     the softmax in float32 (float64 for float64 inputs), the probabilities cast to the values' dtype for
     the value product; the softmax denominator divides the output (B, T, n, h) rather than every score.
 
@@ -115,11 +115,9 @@ def attend(q, k, v, mask, scale: float, first_query: int | None):
     reading only the keys up to its last query, which skips about half the scores of a long prompt.
     None (a decoding step at a traced position): every query reads all S keys."""
     batch, length, heads, head_dim = q.shape
-    num_keys, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, num_keys = k.shape[1], k.shape[2]
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    # kv-head-major layouts, made once: q (B, m, g, T, h), k and v (B, m, S, h)
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)  # (B, m, g, T, h)
     bias = jnp.where(mask, jnp.zeros((), acc), _masked_value(acc))[:, :, None]  # (B, 1, 1, T, S)
     if first_query is None:
         blocks = [(0, length, num_keys)]
@@ -141,24 +139,26 @@ def attend(q, k, v, mask, scale: float, first_query: int | None):
 def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
     """x (B, T, d) -> (B, T, d), and the cache after writing this step's keys and values.
 
-    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,T,m,h); RoPE on q and k; softmax(q k^T / sqrt(h) + mask) v
+    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,m,T,h); RoPE on q and k; softmax(q k^T / sqrt(h) + mask) v
     (`attend`, or `jax.nn.dot_product_attention` with the named implementation); then Wo back to d.
     cache_at = (slot, index): this step's first query sits at key position `index`. With a cache (k, v),
-    each (N, B, S, m, h), k and v are written in place at [slot, :, index:index+T] and attention runs over
-    that slot's S cache positions."""
+    each (N, B, m, S, h), k and v are written in place at [slot, :, :, index:index+T] and attention runs
+    over that slot's S cache positions."""
     q = _linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
     k = _linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
     v = _linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # kv-head-major (B, m, T, h)
     slot, index = cache_at
     if kv_cache is not None:
-        kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (slot, 0, index, 0, 0))
+        kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (slot, 0, 0, index, 0))
                          for c, new in zip(kv_cache, (k, v)))
         k, v = (c[slot] for c in kv_cache)
     scale = config.head_dim**-0.5
     if implementation is None:
         out = attend(q, k, v, mask, scale, index if isinstance(index, int) else None)
     else:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
     y = _linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
     return y, kv_cache
@@ -193,7 +193,7 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
             kv_cache=None, cache_index=0, collect_hidden=False, implementation=None, resume=None):
     """The stack of slots, without the final norm and head (`lm_head`). tokens, positions (B, T);
     key_valid (B, S) marks keys that may be attended; layer_ids (N,); slot_scales {name: (N,)};
-    kv_cache (k, v) each (N, B, S, m, h) or None: this step's keys and values are written in place at
+    kv_cache (k, v) each (N, B, m, S, h) or None: this step's keys and values are written in place at
     cache positions [cache_index, cache_index + T) (the cache is part of the scan's carry, so nothing but
     those positions is rewritten).
     resume (k, h): start from the residual stream h (B, T, d) entering slot k and skip slots 0 .. k-1

@@ -93,7 +93,7 @@ def decode_loop(model, layer_ids):
 
     config = model.config
     layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
-    shape = (len(layer_ids), BATCH, LENGTH, config.num_key_value_heads, config.head_dim)
+    shape = (len(layer_ids), BATCH, config.num_key_value_heads, LENGTH, config.head_dim)
     cache = (jnp.zeros(shape), jnp.zeros(shape))
     tokens = jnp.zeros((BATCH,), jnp.int32)
     return lambda: _decode.lower(model.params, tokens, tokens, jnp.zeros(BATCH, bool), jnp.ones((BATCH, LENGTH), bool),
