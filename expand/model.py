@@ -9,7 +9,8 @@ Shapes: B batch, T query tokens, S key slots (T, or the KV cache length), d hidd
 m kv heads, h head_dim, f intermediate size, V vocab, L stored layers, N slots.
 
 Numerics follow transformers' LlamaForCausalLM: RMSNorm in float32 then cast back before the gain,
-rotate-half RoPE with cos/sin cast to the compute dtype, softmax in float32. Float32 (and float64)
+rotate-half RoPE with cos/sin cast to the compute dtype, attention scores and softmax in float32 (float64
+for float64 params). Float32 (and float64)
 params run with `matmul precision = highest` (the reference mode: no TF32 on GPUs); bfloat16 params run
 in bfloat16.
 """
@@ -93,24 +94,74 @@ def _linear(x, weight, bias, equation):
     return y if bias is None else y + bias
 
 
-def attention(x, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
-    """x (B, T, d) -> (B, T, d), and the layer's (k, v) cache (B, S, m, h) after writing this step.
+# Queries per block of causal attention: a block reads only the keys up to its last query.
+ATTENTION_BLOCK = 64
 
-    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,T,m,h); RoPE on q and k; query head j reads kv head
-    j // (n/m); softmax(q k^T / sqrt(h) + mask) v; then Wo back to d. With a cache, k and v are written at
-    slots [cache_index, cache_index + T) and attention runs over all S cache slots."""
+
+def _masked_value(dtype) -> float:
+    """What masked keys add to their scores: finite (a query with no valid key gets finite weights, not
+    NaN), and so far below any real score that their weights are exactly 0 otherwise."""
+    return -0.7 * float(jnp.finfo(jnp.promote_types(dtype, jnp.float32)).max)
+
+
+def attend(q, k, v, mask, scale: float, first_query: int | None):
+    """Softmax attention: q (B, T, n, h), k and v (B, m, S, h) (kv-head-major), mask (B, 1, T, S) ->
+    (B, T, n, h); query head j reads kv head j // (n/m). Scores q.k * scale (plus `_masked_value` where the mask is False) and
+    the softmax in float32 (float64 for float64 inputs), the probabilities cast to the values' dtype for
+    the value product; the softmax denominator divides the output (B, T, n, h) rather than every score.
+
+    first_query: the key position of query 0 when it is a trace-time int (a forward pass or a prefill:
+    query t sees no key after first_query + t); queries then run in blocks of ATTENTION_BLOCK, each
+    reading only the keys up to its last query, which skips about half the scores of a long prompt.
+    None (a decoding step at a traced position): every query reads all S keys."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)  # (B, m, g, T, h)
+    bias = jnp.where(mask, jnp.zeros((), acc), _masked_value(acc))[:, :, None]  # (B, 1, 1, T, S)
+    if first_query is None:
+        blocks = [(0, length, num_keys)]
+    else:
+        starts = range(0, length, ATTENTION_BLOCK)
+        blocks = [(a, min(a + ATTENTION_BLOCK, length), min(first_query + a + ATTENTION_BLOCK, num_keys))
+                  for a in starts]
+    outs = []
+    for start, stop, keys in blocks:
+        scores = jnp.einsum("bmgth,bmsh->bmgts", q[:, :, :, start:stop], k[:, :, :keys], preferred_element_type=acc)
+        scores = scores * scale + bias[:, :, :, start:stop, :keys]
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+        out = jnp.einsum("bmgts,bmsh->bmgth", weights.astype(v.dtype), v[:, :, :keys], preferred_element_type=acc)
+        outs.append((out / weights.sum(axis=-1, keepdims=True)).astype(q.dtype))
+    out = jnp.concatenate(outs, axis=3)  # (B, m, g, T, h)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
+    """x (B, T, d) -> (B, T, d), and the cache after writing this step's keys and values.
+
+    q = x Wq (B,T,n,h), k = x Wk, v = x Wv (B,m,T,h); RoPE on q and k; softmax(q k^T / sqrt(h) + mask) v
+    (`attend`, or `jax.nn.dot_product_attention` with the named implementation); then Wo back to d.
+    cache_at = (slot, index): this step's first query sits at key position `index`. With a cache (k, v),
+    each (N, B, m, S, h), k and v are written in place at [slot, :, :, index:index+T] and attention runs
+    over that slot's S cache positions."""
     q = _linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
     k = _linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
     v = _linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # kv-head-major (B, m, T, h)
+    slot, index = cache_at
     if kv_cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), cache_index, axis=1)
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=config.head_dim**-0.5, implementation=implementation
-    )
+        kv_cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (slot, 0, 0, index, 0))
+                         for c, new in zip(kv_cache, (k, v)))
+        k, v = (c[slot] for c in kv_cache)
+    scale = config.head_dim**-0.5
+    if implementation is None:
+        out = attend(q, k, v, mask, scale, index if isinstance(index, int) else None)
+    else:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
     y = _linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
-    return y, (k, v)
+    return y, kv_cache
 
 
 def mlp(x, w):
@@ -121,11 +172,11 @@ def mlp(x, w):
                    "btf,fd->btd")
 
 
-def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_index, config: Config, implementation):
+def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_at, config: Config, implementation):
     """One pre-norm residual block: h + attn(norm(h)), then + mlp(norm(.))."""
     a, kv_cache = attention(
         rms_norm(h, w["layers.input_layernorm.weight"], config.rms_norm_eps),
-        w, cos, sin, mask, kv_cache, cache_index, config, implementation,
+        w, cos, sin, mask, kv_cache, cache_at, config, implementation,
     )
     h = h + a
     h = h + mlp(rms_norm(h, w["layers.post_attention_layernorm.weight"], config.rms_norm_eps), w)
@@ -140,15 +191,18 @@ def _precision(dtype):
 
 def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_ids, slot_scales,
             kv_cache=None, cache_index=0, collect_hidden=False, implementation=None, resume=None):
-    """The whole stack. tokens, positions (B, T); key_valid (B, S) marks keys that may be attended;
-    layer_ids (N,); slot_scales {name: (N,)}; kv_cache (k, v) each (N, B, S, m, h) or None.
+    """The stack of slots, without the final norm and head (`lm_head`). tokens, positions (B, T);
+    key_valid (B, S) marks keys that may be attended; layer_ids (N,); slot_scales {name: (N,)};
+    kv_cache (k, v) each (N, B, m, S, h) or None: this step's keys and values are written in place at
+    cache positions [cache_index, cache_index + T) (the cache is part of the scan's carry, so nothing but
+    those positions is rewritten).
     resume (k, h): start from the residual stream h (B, T, d) entering slot k and skip slots 0 .. k-1
     (a `lax.cond` per slot, so one compiled function serves every k); the caller vouches that h is what
     those slots compute.
 
-    Returns logits (B, T, V) float32, the updated cache, and (if collect_hidden) the residual stream
-    (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output of slot s (before the
-    final norm)."""
+    Returns the residual stream after the last slot (B, T, d), the updated cache, and (if collect_hidden)
+    the residual stream per slot (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output
+    of slot s."""
     embed = params["embed_tokens.weight"]
     dtype = embed.dtype
     with _precision(dtype):
@@ -160,31 +214,37 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
         mask = key_valid[:, None, None, :] & causal[None, None]  # (B, 1, T, S)
         stacked = {n: a for n, a in params.items() if n.startswith("layers.")}
 
-        def run_slot(h, layer, scales, cache):
+        def run_slot(h, cache, index, layer, scales):
             w = {n: a[layer] for n, a in stacked.items()}
             for name, s in scales.items():
                 if name in w:  # a plan may scale biases that this model does not have
                     w[name] = scale_rounded(w[name], s)
-            h, new_cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
-            return h, None if cache is None else new_cache
+            return decoder_layer(h, w, cos, sin, mask, cache, (index, cache_index), config, implementation)
 
-        def slot(h, xs):
-            index, layer, scales, cache = xs
+        def slot(carry, xs):
+            index, layer, scales = xs
             if resume is None:
-                h, cache = run_slot(h, layer, scales, cache)
+                carry = run_slot(*carry, index, layer, scales)
             else:
-                h, cache = jax.lax.cond(index < resume[0], lambda h: (h, cache),
-                                        lambda h: run_slot(h, layer, scales, cache), h)
-            return h, (h if collect_hidden else None, cache)
+                carry = jax.lax.cond(index < resume[0], lambda h, cache: (h, cache),
+                                     lambda h, cache: run_slot(h, cache, index, layer, scales), *carry)
+            return carry, carry[0] if collect_hidden else None
 
         slots = jnp.arange(layer_ids.shape[0])
-        h_out, (hidden, kv_cache) = jax.lax.scan(slot, h, (slots, layer_ids, slot_scales, kv_cache))
-        normed = rms_norm(h_out, params["norm.weight"], config.rms_norm_eps)
-        head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
-        logits = jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(dtype, jnp.float32))
+        (h_out, kv_cache), hidden = jax.lax.scan(slot, (h, kv_cache), (slots, layer_ids, slot_scales))
     if collect_hidden:
         hidden = jnp.concatenate([h[None], hidden], axis=0)
-    return logits, kv_cache, hidden
+    return h_out, kv_cache, hidden
+
+
+def lm_head(params: Params, h, config: Config) -> jax.Array:
+    """The final RMSNorm and the output projection: h (B, T, d) -> logits (B, T, V) in float32 (float64
+    for float64 params); the head is embed_tokens transposed when the embeddings are tied."""
+    embed = params["embed_tokens.weight"]
+    with _precision(embed.dtype):
+        normed = rms_norm(h, params["norm.weight"], config.rms_norm_eps)
+        head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
+        return jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(embed.dtype, jnp.float32))
 
 
 def default_layer_ids(config: Config) -> jax.Array:
@@ -201,7 +261,8 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
         o_proj and down_proj by 0; mergekit `scale` parameters; residual gates).
     attention_mask (B, T): 1 for real tokens, 0 for right padding (positions stay 0..T-1).
     return_hidden: also return the residual stream per slot, (N + 1, B, T, d).
-    implementation: `jax.nn.dot_product_attention` backend ('xla', 'cudnn' or None for automatic).
+    implementation: None for `attend` (XLA ops on any backend, causal blocks), or 'xla' / 'cudnn' for
+        `jax.nn.dot_product_attention` with that backend.
     resume (k, h (B, T, d)): skip the first k slots and start from h, the residual stream another run
         computed entering slot k (e.g. `return_hidden`'s [k] of a plan with the same first k slots).
     """
@@ -211,8 +272,9 @@ def forward(params: Params, tokens, config: Config, layer_ids=None, slot_scales=
     layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     key_valid = jnp.ones((batch, length), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-    logits, _, hidden = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales or {},
-                                collect_hidden=return_hidden, implementation=implementation, resume=resume)
+    h, _, hidden = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales or {},
+                           collect_hidden=return_hidden, implementation=implementation, resume=resume)
+    logits = lm_head(params, h, config)
     return (logits, hidden) if return_hidden else logits
 
 

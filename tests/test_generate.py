@@ -63,3 +63,33 @@ def test_nnx_module_runs_the_same_forward(tiny_checkpoint):
     assert len(jax.tree.leaves(state)) == len(params)
     tokens = random_tokens(256, (1, 16))
     np.testing.assert_array_equal(np.asarray(module(tokens)), np.asarray(expand.forward(params, tokens, config)))
+
+
+def test_chunked_decoding_equals_a_full_forward_and_streams_in_order(tiny_checkpoint):
+    """Longer than several decoding chunks, for a left-padded batch through a virtual plan: every token
+    is the argmax of a full forward over the row's own tokens, and `on_token` sees each row's tokens in
+    order, as they are returned."""
+    from expand.generate import CHUNK
+
+    config, params = expand.load(tiny_checkpoint)
+    layer_ids = np.array([0, 1, 1, 2, 3])
+    prompts = [random_tokens(256, (7,), seed=6).tolist(), random_tokens(256, (3,), seed=7).tolist()]
+    streamed: list[tuple[int, int]] = []
+    new_tokens = 2 * CHUNK + 5
+    out = expand.generate(params, config, prompts, new_tokens, layer_ids=layer_ids, eos_token_ids=[],
+                          on_token=lambda row, token: streamed.append((row, token)))
+    for row, (prompt, new) in enumerate(zip(prompts, out)):
+        assert len(new) == new_tokens
+        logits = expand.forward(params, np.array([prompt + new]), config, layer_ids=layer_ids)
+        assert np.argmax(np.asarray(logits[0, len(prompt) - 1:-1]), axis=-1).tolist() == new
+        assert [token for r, token in streamed if r == row] == new
+
+
+def test_a_row_that_ends_inside_a_chunk_stops_while_the_others_continue(tiny_checkpoint):
+    config, params = expand.load(tiny_checkpoint)
+    prompts = [random_tokens(256, (6,), seed=8).tolist(), random_tokens(256, (6,), seed=9).tolist()]
+    free = expand.generate(params, config, prompts, 30, eos_token_ids=[])
+    eos = free[0][20]  # inside the second chunk of row 0
+    stopped = expand.generate(params, config, prompts, 30, eos_token_ids=[eos])
+    assert stopped[0] == free[0][: free[0].index(eos)]
+    assert stopped[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
