@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config
+from expand.distributed import to_host
 from expand.model import TRACE_COUNTS, decoder, default_layer_ids
 from expand.params import Params
 
@@ -77,7 +78,7 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
     done = np.zeros(batch, bool)
     for step in range(max_new_tokens):
         rng, key = jax.random.split(rng)
-        next_tokens = np.asarray(sample_next(logits, key, temperature, top_p))
+        next_tokens = to_host(sample_next(logits, key, temperature, top_p))
         for row, token in enumerate(next_tokens.tolist()):
             if done[row]:
                 continue

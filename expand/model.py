@@ -28,6 +28,7 @@ import numpy as np
 from expand.config import Config
 from expand.numerics import next_token_nll, scale_rounded
 from expand.params import Params
+from expand.sharding import constrain_batch
 
 # How many times each jitted entry point was traced (= compiled); read by tests and sweep reports.
 TRACE_COUNTS: Counter = Counter()
@@ -148,11 +149,12 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
 
     Returns logits (B, T, V) float32, the updated cache, and (if collect_hidden) the residual stream
     (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output of slot s (before the
-    final norm)."""
+    final norm). Under a mesh with a data axis the residual stream is split over it along B
+    (`expand.sharding.constrain_batch`)."""
     embed = params["embed_tokens.weight"]
     dtype = embed.dtype
     with _precision(dtype):
-        h = embed[tokens] if resume is None else resume[1]
+        h = constrain_batch(embed[tokens] if resume is None else resume[1])
         cos, sin = rope_cos_sin(positions, config, dtype)
         num_keys = key_valid.shape[1]
         query_slots = cache_index + jnp.arange(tokens.shape[1])
@@ -166,7 +168,7 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
                 if name in w:  # a plan may scale biases that this model does not have
                     w[name] = scale_rounded(w[name], s)
             h, new_cache = decoder_layer(h, w, cos, sin, mask, cache, cache_index, config, implementation)
-            return h, None if cache is None else new_cache
+            return constrain_batch(h), None if cache is None else new_cache
 
         def slot(h, xs):
             index, layer, scales, cache = xs
