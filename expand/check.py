@@ -165,7 +165,8 @@ class Reference(NamedTuple):
 @jax.jit
 def reference_of(base_logits) -> Reference:
     z = base_logits.astype(accumulation_dtype(base_logits.dtype))
-    return Reference(base_logits, jax.nn.logsumexp(z, axis=-1), jnp.argmax(z, -1), jnp.isfinite(z).all(-1))
+    return Reference(base_logits, jax.nn.logsumexp(z, axis=-1), jnp.argmax(z, -1).astype(jnp.int32),
+                     jnp.isfinite(z).all(-1))
 
 
 @jax.jit
@@ -190,7 +191,7 @@ def compare_with(reference: Reference, logits, tokens) -> dict[str, jax.Array]:
     kl = jnp.maximum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
     length = tokens.shape[1] - 1
     picked = jnp.take_along_axis(z[:, :length], jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
-    return {"kl": kl, "agree": jnp.argmax(z, -1) == reference.top1, "max_abs_delta": jnp.abs(z - base).max(-1),
+    return {"kl": kl, "agree": jnp.argmax(z, -1).astype(jnp.int32) == reference.top1, "max_abs_delta": jnp.abs(z - base).max(-1),
             "nll": lse[:, :length] - picked, "finite": reference.finite & jnp.isfinite(z).all(-1)}
 
 
