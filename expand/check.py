@@ -171,27 +171,34 @@ def reference_of(base_logits) -> Reference:
 
 @jax.jit
 def compare_with(reference: Reference, logits, tokens) -> dict[str, jax.Array]:
-    """Per-position comparison of a candidate's logits (B, T, V) with the base's (`Reference`) on the same
+    """Per-position comparison of a candidate's logits z (B, T, V) with the base's (`Reference`) on the same
     tokens (B, T), in the logits' precision (at least float32): one log-softmax of the candidate (log q =
-    z - logsumexp z) and one pass over the base's (log p = logits - lse, p = exp log p). The one place where
-    check and ablate get their numbers.
+    z - max z - log sum exp(z - max z)) and one pass over the base's (log p = logits - lse, p = exp log p).
+    The one place where check and ablate get their numbers.
 
-    kl (B, T): KL(base || candidate) = sum_v p_v (log p_v - log q_v), clipped at 0 (rounding).
-    agree (B, T): argmax of candidate == argmax of base.
+    kl (B, T): KL(base || candidate) = sum_v p_v (log p_v - log q_v) (a token the base gives p = 0 adds 0),
+        clipped at 0 (rounding).
+    agree (B, T): the base's top-1 token has the candidate's largest logit (argmax of candidate == argmax of
+        base; an exact tie at the top counts as agreement).
     max_abs_delta (B, T): max_v |logit_candidate - logit_base|.
     nll (B, T - 1): -log q(tokens[:, t + 1]) at position t, the candidate's next-token loss terms
         (its mean is `lm_loss`).
     finite (B, T): every logit of both is finite at this position. Where it is False the other numbers mean
-        nothing (XLA's max skips NaN, so max_abs_delta can look small): callers must look at it first."""
+        nothing (XLA's max skips NaN, so max_abs_delta can look small): callers must look at it first.
+
+    (Written for XLA:CPU's fast reductions: no argmax over V per call, and the KL terms under a `where`,
+    which keeps the product-and-sum from being fused into a much slower kernel.)"""
     acc = accumulation_dtype(logits.dtype)
     z, base = logits.astype(acc), reference.logits.astype(acc)
-    lse = jax.nn.logsumexp(z, axis=-1)
+    top = z.max(-1)
+    lse = top + jnp.log(jnp.exp(z - top[..., None]).sum(-1))
     log_p = base - reference.lse[..., None].astype(acc)
     log_q = z - lse[..., None]
-    kl = jnp.maximum(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), 0.0)
+    kl = jnp.maximum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * (log_p - log_q), 0.0).sum(-1), 0.0)
     length = tokens.shape[1] - 1
     picked = jnp.take_along_axis(z[:, :length], jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
-    return {"kl": kl, "agree": jnp.argmax(z, -1).astype(jnp.int32) == reference.top1, "max_abs_delta": jnp.abs(z - base).max(-1),
+    at_base_top = jnp.take_along_axis(z, reference.top1[..., None], axis=-1)[..., 0]
+    return {"kl": kl, "agree": at_base_top == top, "max_abs_delta": jnp.abs(z - base).max(-1),
             "nll": lse[:, :length] - picked, "finite": reference.finite & jnp.isfinite(z).all(-1)}
 
 

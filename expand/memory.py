@@ -42,9 +42,6 @@ from expand.model import forward
 from expand.sharding import RULES, data_parallel, placement
 from expand.surgery.plan import LayerPlan
 
-GIB = 2**30
-
-
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """XLA's memory analysis of one compiled function, bytes per device."""
@@ -234,6 +231,3 @@ def compile_devices(count: int) -> list:
                          f"exist: run with XLA_FLAGS=--xla_force_host_platform_device_count={count}")
     return cpu[:count]
 
-
-def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"

@@ -58,7 +58,7 @@ def memory_estimate(args, plan):
 
 
 def print_estimate(estimate) -> None:
-    from expand.memory import gib
+    from expand.show import human_bytes as gib
 
     rows = [{"compiled": c.name, "arguments": gib(c.arguments), "outputs": gib(c.outputs),
              "temporaries": gib(c.temporaries), "total": gib(c.total)} for c in estimate.compiled]
