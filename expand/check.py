@@ -27,15 +27,16 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from expand.container import Model
+from expand.distributed import to_host
 from expand.model import forward
-from expand.numerics import accumulation_dtype, kl_divergence, next_token_nll
+from expand.numerics import accumulation_dtype
 from expand.params import nonfinite_tensors
 from expand.provenance import Provenance
 from expand.surgery.plan import LayerPlan, plan_from_layer_spec
@@ -130,20 +131,19 @@ def layer_map(base: Model, candidate: Candidate) -> list[int]:
     return list(range(base.config.num_hidden_layers))
 
 
-# ---- running -----------------------------------------------------------------------------------------------
+# ---- running ----------------------------------------------------------------------------------------------
 
 
-def run(model: Model, tokens: np.ndarray, dtype, layer_ids=None, slot_scales=None) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (B, T, V) float, hidden (N + 1, B, T, d)) of a model in `dtype`, as numpy."""
+def run(model: Model, tokens, dtype, layer_ids=None, slot_scales=None) -> tuple[jax.Array, jax.Array]:
+    """(logits (B, T, V) float, hidden (N + 1, B, T, d)) of a model in `dtype`, on the model's devices."""
     params = {name: value.astype(dtype) for name, value in model.params.items()}
-    logits, hidden = forward(params, tokens, model.config, layer_ids=layer_ids, slot_scales=slot_scales,
-                             return_hidden=True)
-    return np.asarray(logits), np.asarray(hidden)
+    return forward(params, tokens, model.config, layer_ids=layer_ids, slot_scales=slot_scales, return_hidden=True)
 
 
-def run_in(dtype_name: str, model: Model, tokens, layer_ids=None, slot_scales=None):
+def run_in(dtype_name: str, model: Model, tokens, layer_ids=None, slot_scales=None) -> tuple[np.ndarray, np.ndarray]:
+    """`run` in a dtype named by DTYPES, fetched to every process as numpy (logits, hidden)."""
     with jax.enable_x64(dtype_name == "fp64"):
-        return run(model, tokens, DTYPES[dtype_name], layer_ids, slot_scales)
+        return to_host(run(model, tokens, DTYPES[dtype_name], layer_ids, slot_scales))
 
 
 def reference_dtype(dtype_name: str) -> str:
@@ -151,59 +151,127 @@ def reference_dtype(dtype_name: str) -> str:
     return {"fp32": "fp64", "bf16": "fp32", "fp64": "fp32"}[dtype_name]
 
 
-@jax.jit
-def compare_logits(base_logits, logits, tokens) -> dict[str, jax.Array]:
-    """Per-position comparison of a candidate's logits (B, T, V) with the base's on the same tokens (B, T),
-    in the logits' precision (at least float32). The one place where check and ablate get their numbers.
+class Reference(NamedTuple):
+    """The base's side of every comparison on one token batch, computed once (`reference_of`): its logits
+    (B, T, V), their logsumexp (B, T) over the vocabulary (log p = logits - lse), its top-1 token (B, T)
+    and whether each position's logits are all finite (B, T)."""
 
-    kl (B, T): KL(base || candidate) = sum_v p_v (log p_v - log q_v), clipped at 0 (rounding).
-    agree (B, T): argmax of candidate == argmax of base.
+    logits: jax.Array
+    lse: jax.Array
+    top1: jax.Array
+    finite: jax.Array
+
+
+@jax.jit
+def reference_of(base_logits) -> Reference:
+    z = base_logits.astype(accumulation_dtype(base_logits.dtype))
+    return Reference(base_logits, jax.nn.logsumexp(z, axis=-1), jnp.argmax(z, -1).astype(jnp.int32),
+                     jnp.isfinite(z).all(-1))
+
+
+@jax.jit
+def compare_with(reference: Reference, logits, tokens) -> dict[str, jax.Array]:
+    """Per-position comparison of a candidate's logits z (B, T, V) with the base's (`Reference`) on the same
+    tokens (B, T), in the logits' precision (at least float32): one log-softmax of the candidate (log q =
+    z - max z - log sum exp(z - max z)) and one pass over the base's (log p = logits - lse, p = exp log p).
+    The one place where check and ablate get their numbers.
+
+    kl (B, T): KL(base || candidate) = sum_v p_v (log p_v - log q_v) (a token the base gives p = 0 adds 0),
+        clipped at 0 (rounding).
+    agree (B, T): the base's top-1 token has the candidate's largest logit (argmax of candidate == argmax of
+        base; an exact tie at the top counts as agreement).
     max_abs_delta (B, T): max_v |logit_candidate - logit_base|.
     nll (B, T - 1): -log q(tokens[:, t + 1]) at position t, the candidate's next-token loss terms
         (its mean is `lm_loss`).
     finite (B, T): every logit of both is finite at this position. Where it is False the other numbers mean
-        nothing (XLA's max skips NaN, so max_abs_delta can look small): callers must look at it first."""
-    kl = jnp.maximum(kl_divergence(base_logits, logits), 0.0)
-    agree = jnp.argmax(base_logits, -1) == jnp.argmax(logits, -1)
-    nll = next_token_nll(logits, tokens)
+        nothing (XLA's max skips NaN, so max_abs_delta can look small): callers must look at it first.
+
+    (Written for XLA:CPU's fast reductions: no argmax over V per call, and the KL terms under a `where`,
+    which keeps the product-and-sum from being fused into a much slower kernel.)"""
     acc = accumulation_dtype(logits.dtype)
-    delta = jnp.abs(logits.astype(acc) - base_logits.astype(acc)).max(-1)
-    finite = jnp.isfinite(base_logits).all(-1) & jnp.isfinite(logits).all(-1)
-    return {"kl": kl, "agree": agree, "max_abs_delta": delta, "nll": nll, "finite": finite}
+    z, base = logits.astype(acc), reference.logits.astype(acc)
+    top = z.max(-1)
+    lse = top + jnp.log(jnp.exp(z - top[..., None]).sum(-1))
+    log_p = base - reference.lse[..., None].astype(acc)
+    log_q = z - lse[..., None]
+    kl = jnp.maximum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * (log_p - log_q), 0.0).sum(-1), 0.0)
+    length = tokens.shape[1] - 1
+    picked = jnp.take_along_axis(z[:, :length], jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
+    at_base_top = jnp.take_along_axis(z, reference.top1[..., None], axis=-1)[..., 0]
+    return {"kl": kl, "agree": at_base_top == top, "max_abs_delta": jnp.abs(z - base).max(-1),
+            "nll": lse[:, :length] - picked, "finite": reference.finite & jnp.isfinite(z).all(-1)}
 
 
-def first_nonfinite_slot(hidden: np.ndarray) -> int | None:
-    """hidden (N + 1, B, T, d) residual stream -> the first slot whose output holds a NaN or inf (-1: the
-    embeddings), or None when all is finite."""
-    bad = ~np.isfinite(hidden.reshape(hidden.shape[0], -1)).all(axis=1)
+def compare_logits(base_logits, logits, tokens) -> dict[str, jax.Array]:
+    """`compare_with` the base's logits (B, T, V) directly (for one comparison)."""
+    return compare_with(reference_of(base_logits), logits, tokens)
+
+
+@jax.jit
+def _max_abs_difference(a, b):
+    acc = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+    return jnp.abs(a.astype(acc) - b.astype(acc)).max()
+
+
+@jax.jit
+def _drift(hidden, index, reference, reference_index):
+    """Residual streams hidden (N + 1, B, T, d') and reference (L + 1, B, T, d), pairs (index[k],
+    reference_index[k]) -> (K,) relative drift max |hidden[i][..., :d] - reference[j]| / max |reference[j]| of
+    each pair, one pair at a time (no (K, B, T, d) gather). A width candidate is compared on the base's first
+    d coordinates."""
+    d = reference.shape[-1]
+
+    def one(k):
+        h, ref = hidden[index[k]][..., :d], reference[reference_index[k]]
+        acc = jnp.promote_types(jnp.promote_types(h.dtype, ref.dtype), jnp.float32)
+        scale = jnp.abs(ref).max().astype(acc)
+        return jnp.abs(h.astype(acc) - ref.astype(acc)).max() / jnp.where(scale > 0, scale, 1.0)
+
+    return jax.lax.map(one, jnp.arange(index.shape[0]))
+
+
+@jax.jit
+def _finite_slots(hidden):
+    """hidden (N + 1, B, T, d) -> (N + 1,) whether each residual state is all finite."""
+    return jnp.isfinite(hidden).reshape(hidden.shape[0], -1).all(axis=1)
+
+
+def first_nonfinite_slot(finite_slots: np.ndarray) -> int | None:
+    """(N + 1,) finiteness of the residual stream (`_finite_slots`) -> the first slot whose output holds a
+    NaN or inf (-1: the embeddings), or None when all is finite."""
+    bad = ~np.asarray(finite_slots)
     return int(np.argmax(bad)) - 1 if bad.any() else None
-
-
-def relative_drift(hidden: np.ndarray, reference: np.ndarray) -> float:
-    scale = float(np.abs(reference).max()) or 1.0
-    return float(np.abs(hidden.astype(np.float64) - reference.astype(np.float64)).max() / scale)
 
 
 @dataclasses.dataclass
 class BaseRun:
-    """The base's outputs in the checked dtype and in the floor's reference dtype (computed once, reused
-    for every candidate checked against the same base and tokens)."""
+    """The base's outputs on one token batch, on its devices (`reference`: its logits as every comparison
+    reads them; `hidden` (L + 1, B, T, d) its residual stream), and the floor measured against the reference
+    dtype (computed once, reused for every candidate checked against the same base and tokens)."""
 
-    logits: np.ndarray
-    hidden: np.ndarray
+    reference: Reference
+    hidden: jax.Array
     floor: float
     layer_floor: list[float]
+    logit_std: float
+    finite: bool
 
 
 def run_base(base: Model, tokens: np.ndarray, dtype_name: str) -> BaseRun:
-    logits, hidden = run_in(dtype_name, base, tokens)
-    ref_logits, ref_hidden = run_in(reference_dtype(dtype_name), base, tokens)
-    floor = float(np.abs(logits.astype(np.float64) - ref_logits).max())
-    layer_floor = [relative_drift(hidden[i], ref_hidden[i]) for i in range(len(hidden))]
+    reference_name = reference_dtype(dtype_name)
+    with jax.enable_x64("fp64" in (dtype_name, reference_name)):
+        logits, hidden = run(base, tokens, DTYPES[dtype_name])
+        ref_logits, ref_hidden = run(base, tokens, DTYPES[reference_name])
+        every_layer = jnp.arange(hidden.shape[0])
+        floor, layer_floor, std, finite = to_host((
+            _max_abs_difference(logits, ref_logits), _drift(hidden, every_layer, ref_hidden, every_layer),
+            jnp.std(logits.astype(accumulation_dtype(logits.dtype))), jnp.isfinite(logits).all()))
+        reference = reference_of(logits)
+    floor, layer_floor = float(floor), [float(f) for f in layer_floor]
     if dtype_name == "fp64":
         floor *= EPS_RATIO_64_32
         layer_floor = [f * EPS_RATIO_64_32 for f in layer_floor]
-    return BaseRun(logits, hidden, floor, layer_floor)
+    return BaseRun(reference, hidden, floor, layer_floor, float(std), bool(finite))
 
 
 def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = None, dtype: str = "fp32",
@@ -234,20 +302,20 @@ def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = 
         tokens = token_batch(base, text, seq_len, num_sequences)
     tokens = np.asarray(tokens)
     base_run = base_run or run_base(base, tokens, dtype)
-    logits, hidden = run_in(dtype, cand.model, tokens, cand.layer_ids, cand.slot_scales)
-
+    mapping = layer_map(base, cand)
     with jax.enable_x64(dtype == "fp64"):
-        stats = jax.device_get(compare_logits(base_run.logits, logits, tokens))
+        logits, hidden = run(cand.model, tokens, DTYPES[dtype], cand.layer_ids, cand.slot_scales)
+        stats, drifts, finite_slots = to_host((
+            compare_with(base_run.reference, logits, tokens),
+            _drift(hidden, jnp.arange(1, len(mapping) + 1), base_run.hidden, jnp.asarray(mapping) + 1),
+            _finite_slots(hidden)))
     nonfinite = int((~stats["finite"]).sum())
     bad_weights = nonfinite_tensors(cand.model.params)
-    base_is_finite = (bool(np.isfinite(base_run.logits).all()) and math.isfinite(base_run.floor)
-                      and not nonfinite_tensors(base.params))
+    base_is_finite = base_run.finite and math.isfinite(base_run.floor) and not nonfinite_tensors(base.params)
     tolerance = FLOOR_FACTOR * base_run.floor
-    d = base.config.hidden_size
     layers, first = [], None
-    for slot, base_layer in enumerate(layer_map(base, cand)):
-        drift = relative_drift(hidden[slot + 1][..., :d], base_run.hidden[base_layer + 1])
-        floor = base_run.layer_floor[base_layer + 1]
+    for slot, base_layer in enumerate(mapping):
+        drift, floor = float(drifts[slot]), base_run.layer_floor[base_layer + 1]
         drifted = not drift <= FLOOR_FACTOR * floor  # a NaN drift is drift
         layers.append({"slot": slot, "base_layer": base_layer, "drift": drift, "floor": floor, "drifted": drifted})
         if drifted and first is None:
@@ -261,7 +329,7 @@ def check(base, candidate, tokens: np.ndarray | None = None, text: str | None = 
         base=str(base.source), candidate=cand.name, dtype=dtype, tokens=tuple(tokens.shape),
         max_abs_logit_delta=delta, mean_kl=kl_mean, max_kl=kl_max, top1_agreement=float(stats["agree"].mean()),
         floor=base_run.floor, tolerance=tolerance, verdict=verdict, layers=layers, first_drift_layer=first,
-        base_logit_std=float(base_run.logits.std()), nonfinite_positions=nonfinite,
-        first_nonfinite_slot=first_nonfinite_slot(hidden), base_is_finite=base_is_finite,
+        base_logit_std=base_run.logit_std, nonfinite_positions=nonfinite,
+        first_nonfinite_slot=first_nonfinite_slot(finite_slots), base_is_finite=base_is_finite,
         nonfinite_weights=bad_weights,
     )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config
+from expand.distributed import to_host
 from expand.model import TRACE_COUNTS, decoder, default_layer_ids, lm_head
 from expand.params import Params
 
@@ -143,14 +144,14 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
                 if on_token is not None:
                     on_token(row, token)
 
-    emit(np.asarray(last)[:, None])
+    emit(to_host(last)[:, None])
     produced = 1
     while produced < max_new_tokens and not done.all():
         steps = min(CHUNK, max_new_tokens - produced)
         chosen, steps, last, kv_cache, rng = _decode(
             params, last, jnp.asarray(lengths + produced - 1), jnp.asarray(done), key_valid, kv_cache,
             prompt_len + produced - 1, rng, steps, eos, **sampling)
-        steps = int(steps)
-        emit(np.asarray(chosen)[:, :steps])
+        steps = int(to_host(steps))
+        emit(to_host(chosen)[:, :steps])
         produced += steps
     return outputs

@@ -29,6 +29,7 @@ import numpy as np
 from expand.config import Config
 from expand.numerics import next_token_nll, scale_rounded
 from expand.params import Params
+from expand.sharding import constrain_batch
 
 # How many times each jitted entry point was traced (= compiled); read by tests and sweep reports.
 TRACE_COUNTS: Counter = Counter()
@@ -202,11 +203,12 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
 
     Returns the residual stream after the last slot (B, T, d), the updated cache, and (if collect_hidden)
     the residual stream per slot (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output
-    of slot s."""
+    of slot s. Under a mesh with a data axis the residual stream is split over it along B
+    (`expand.sharding.constrain_batch`)."""
     embed = params["embed_tokens.weight"]
     dtype = embed.dtype
     with _precision(dtype):
-        h = embed[tokens] if resume is None else resume[1]
+        h = constrain_batch(embed[tokens] if resume is None else resume[1])
         cos, sin = rope_cos_sin(positions, config, dtype)
         num_keys = key_valid.shape[1]
         query_slots = cache_index + jnp.arange(tokens.shape[1])
@@ -219,7 +221,8 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
             for name, s in scales.items():
                 if name in w:  # a plan may scale biases that this model does not have
                     w[name] = scale_rounded(w[name], s)
-            return decoder_layer(h, w, cos, sin, mask, cache, (index, cache_index), config, implementation)
+            h, cache = decoder_layer(h, w, cos, sin, mask, cache, (index, cache_index), config, implementation)
+            return constrain_batch(h), cache
 
         def slot(carry, xs):
             index, layer, scales = xs

@@ -89,17 +89,34 @@ class TensorSpec:
         rows = math.prod(sizes[a] for a in self.hf_out)
         return (rows, math.prod(sizes[a] for a in self.hf_in)) if self.hf_in else (rows,)
 
+    @property
+    def hf_axes(self) -> tuple[str, ...]:
+        """HF's memory order of the logical axes: rows then columns (q_proj: q_heads, head_dim, embed)."""
+        return self.hf_out + self.hf_in
+
+    def hf_named_shape(self, config: Config) -> tuple[int, ...]:
+        """The HF tensor (one layer) reshaped to one dimension per logical axis, in HF's memory order."""
+        sizes = axis_sizes(config)
+        return tuple(sizes[a] for a in self.hf_axes)
+
+    def hf_index(self, index: tuple[slice, ...]) -> tuple[slice, ...]:
+        """A block of one layer in our layout (a slice per axis of `axes`, e.g. one device's shard) -> the
+        same block of the HF tensor viewed as `hf_named_shape`: the slice of each logical axis, reordered to
+        HF's memory order. Reading that block of the file and `from_hf_named` gives the block."""
+        by_axis = dict(zip(self.axes, index))
+        return tuple(by_axis.get(a, slice(None)) for a in self.hf_axes)
+
+    def from_hf_named(self, named: np.ndarray) -> np.ndarray:
+        """An array (or block) in HF's named axes -> our per-layer layout (a transpose by name)."""
+        return named.transpose([self.hf_axes.index(a) for a in self.axes])
+
     def from_hf(self, array: np.ndarray, config: Config) -> np.ndarray:
         """HF layout (one layer) -> our per-layer layout: reshape to named axes, transpose by name."""
-        sizes = axis_sizes(config)
-        hf_axes = self.hf_out + self.hf_in
-        named = array.reshape([sizes[a] for a in hf_axes])
-        return named.transpose([hf_axes.index(a) for a in self.axes])
+        return self.from_hf_named(array.reshape(self.hf_named_shape(config)))
 
     def to_hf(self, array: np.ndarray, config: Config) -> np.ndarray:
         """Our per-layer layout -> HF layout (one layer)."""
-        hf_axes = self.hf_out + self.hf_in
-        return array.transpose([self.axes.index(a) for a in hf_axes]).reshape(self.hf_shape(config))
+        return array.transpose([self.axes.index(a) for a in self.hf_axes]).reshape(self.hf_shape(config))
 
 
 def _row(name, axes, role, hf_out, hf_in=(), present=lambda c: True) -> TensorSpec:

@@ -8,16 +8,24 @@
 
 Each way runs in its own child process, timed from start to exit (model loading included). The two ways'
 metrics are compared variant by variant, so the speed is for the same answer. A third child, untimed as a
-whole, splits expand's time into its parts (`expand_costs`) and so bounds the ratio this machine allows.
+whole, splits expand's time into its parts (`expand_costs`): the fixed cost every variant pays whatever
+layers it runs (the final norm, the lm_head and the comparison with the base over the 49,152-token
+vocabulary: the base row, which resumes after the last layer) against the bare lm_head matmul on the same
+shapes, timed alternately in the same process (median of --repeats each).
 
-    python experiments/bench_ablate.py [--num-sequences 1] [--seq-len 512]
+Run from the repository root (the machine's load average before and after is recorded: on a shared machine
+the timings are only as quiet as it was):
+
+    python -m experiments.bench_ablate [--num-sequences 1] [--seq-len 512] [--repeats 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,9 +33,29 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_depth import mergekit_venv, sources  # noqa: E402
-from benchlib import cache_dir, python_json, run_measured, write_results  # noqa: E402
+from experiments.benchlib import cache_dir, run_measured, write_results
+
+ROOT = Path(__file__).parents[1]
+FIXED_COST_TARGET = 1.5  # per-variant fixed cost / bare lm_head matmul
+
+
+def child(name: str, *args) -> list[str]:
+    """The command that runs `name(*args)` of this module in a child process (from the repository root)."""
+    return [sys.executable, "-m", "experiments.bench_ablate", "--child", name, *map(str, args)]
+
+
+def run_child(name: str, *args) -> None:
+    done = subprocess.run(child(name, *args), cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+
+
+def mergekit_executable() -> Path:
+    """mergekit-yaml 0.1.5 of this environment (the test extras install it)."""
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    if not exe.exists():
+        sys.exit("mergekit-yaml is not installed here: pip install -e '.[test]' (mergekit 0.1.5)")
+    return exe
 
 
 def delete_one_recipe(model: str, layer: int, num_layers: int) -> dict:
@@ -36,14 +64,23 @@ def delete_one_recipe(model: str, layer: int, num_layers: int) -> dict:
             "slices": [{"sources": [{"model": model, "layer_range": r}]} for r in ranges]}
 
 
-def write_tokens(path: Path, num_sequences: int, seq_len: int) -> None:
-    """The first num_sequences x seq_len tokens of the Python Language Reference (expand.text)."""
+# ---- children ----------------------------------------------------------------------------------------------
+
+
+def prepare(source: str, tokens_file: str, num_sequences: str, seq_len: str, device_file: str) -> None:
+    """SmolLM2 as an fp32 HF directory (once), the eval tokens (the first num_sequences x seq_len tokens of
+    the Python Language Reference) and the device line."""
     import numpy as np
 
     import expand
-    from expand.text import python_reference_text, token_batch
+    from experiments.benchlib import device_line
+    from expand.text import shipped_text, token_batch
 
-    np.save(path, token_batch(expand.load("smollm2"), python_reference_text(), seq_len, num_sequences))
+    model = expand.load("smollm2")
+    if not Path(source).exists():
+        expand.save(source, model.config, model.params, tokenizer_from=model)
+    np.save(tokens_file, token_batch(model, shipped_text("python-reference"), int(seq_len), int(num_sequences)))
+    Path(device_file).write_text(json.dumps(device_line()))
 
 
 def expand_way(source: str, tokens_file: str, out: str) -> None:
@@ -56,13 +93,14 @@ def expand_way(source: str, tokens_file: str, out: str) -> None:
     Path(out).write_text(json.dumps({"rows": table.rows, "base": table.base, "compilations": table.compilations}))
 
 
-def expand_costs(source: str, tokens_file: str, out: str) -> None:
-    """Where expand's time goes, measured in a child of its own (not part of the timed run): import and load,
-    the eval set (the base's one forward with hidden states), the base row (its plan resumes after the
-    last layer, so it is the lm_head and the comparison with the base alone; timed once compiled), and each
-    delete-one variant in turn (the first includes the compilation of their length)."""
+def expand_costs(source: str, tokens_file: str, out: str, repeats: str) -> None:
+    """Where expand's time goes: import and load, the eval set (the base's one forward with hidden states),
+    the fixed cost per variant (the base row: final norm, lm_head and comparison with the base) against the
+    bare lm_head matmul (B, T, d) x (d, V) at the forward's precision, alternately, and each delete-one
+    variant in turn (the first includes the compilation of their length)."""
     start = time.perf_counter()
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import expand
@@ -74,11 +112,24 @@ def expand_costs(source: str, tokens_file: str, out: str) -> None:
     evals = eval_set(model, np.load(tokens_file))
     jax.block_until_ready(evals.base.hidden)
     costs["eval_set_s"] = time.perf_counter() - start
-    n = model.config.num_hidden_layers
-    evaluate(model, evals, plan_of(range(n), n))
-    start = time.perf_counter()
-    evaluate(model, evals, plan_of(range(n), n))
-    costs["head_and_compare_s"] = time.perf_counter() - start
+    n, config = model.config.num_hidden_layers, model.config
+    base = plan_of(range(n), n)
+    head = model.params.get("lm_head.weight", model.params["embed_tokens.weight"].T)
+    normed = jax.random.normal(jax.random.key(0), (*evals.batches[0].shape, config.hidden_size), jnp.float32)
+    matmul = jax.jit(lambda h, w: jnp.einsum("btd,dv->btv", h, w, precision="highest"))
+    timed = {"lm_head_matmul": lambda: matmul(normed, head).block_until_ready(),
+             "fixed_cost_per_variant": lambda: evaluate(model, evals, base)}
+    samples = {name: [] for name in timed}
+    for name, run in timed.items():  # compile both first
+        run()
+    for _ in range(int(repeats)):
+        for name, run in timed.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    costs |= {f"{name}_s": value for name, value in median.items()} | {"samples_s": samples}
+    costs["fixed_cost_over_matmul"] = median["fixed_cost_per_variant"] / median["lm_head_matmul"]
     variants = []
     for _, plan, _ in fixed_variants(parse_sweep("delete-one", n), n):
         start = time.perf_counter()
@@ -121,53 +172,66 @@ def mergekit_way(source: str, tokens_file: str, out: str, mergekit: str, work: s
     Path(out).write_text(json.dumps({"rows": rows, **times}))
 
 
+CHILDREN = {f.__name__: f for f in (prepare, expand_way, expand_costs, mergekit_way)}
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-sequences", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=7, help="alternate timings of the fixed cost and the matmul")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    mergekit = mergekit_venv()
-    source = next(iter(sources().values()))[0]  # SmolLM2 as an fp32 HF directory
+    if args.child:
+        CHILDREN[args.child[0]](*args.child[1:])
+        return
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    mergekit = mergekit_executable()
     work = cache_dir("ablate")
-    tokens_file, ours, theirs = work / "tokens.npy", work / "expand.json", work / "mergekit.json"
-    python_json(f"import bench_ablate; bench_ablate.write_tokens({str(tokens_file)!r}, {args.num_sequences}, "
-                f"{args.seq_len}); print('null')")
-    device = python_json("import benchlib; print(json.dumps(benchlib.device_line()))")
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_ablate; bench_ablate.{{}}"
-    expand_run = run_measured([sys.executable, "-c", code.format(
-        f"expand_way({str(source)!r}, {str(tokens_file)!r}, {str(ours)!r})")])
-    costs_file = work / "expand_costs.json"
-    run_measured([sys.executable, "-c", code.format(
-        f"expand_costs({str(source)!r}, {str(tokens_file)!r}, {str(costs_file)!r})")])
+    source, tokens_file, device_file = work / "smollm2-fp32", work / "tokens.npy", work / "device.json"
+    ours, theirs, costs_file = work / "expand.json", work / "mergekit.json", work / "expand_costs.json"
+    run_child("prepare", source, tokens_file, args.num_sequences, args.seq_len, device_file)
+    device = json.loads(device_file.read_text())
+    expand_run = run_measured(child("expand_way", source, tokens_file, ours))
+    run_measured(child("expand_costs", source, tokens_file, costs_file, args.repeats))
     costs = json.loads(costs_file.read_text())
-    mergekit_run = run_measured([sys.executable, "-c", code.format(
-        f"mergekit_way({str(source)!r}, {str(tokens_file)!r}, {str(theirs)!r}, {str(mergekit)!r}, {str(work)!r})")])
+    mergekit_run = run_measured(child("mergekit_way", source, tokens_file, theirs, mergekit, work))
+    load_after = [round(x, 2) for x in os.getloadavg()]
     a, b = json.loads(ours.read_text()), json.loads(theirs.read_text())
     agreement = {m: max(abs(x[m] - y[m]) for x, y in zip(a["rows"], b["rows"])) for m in ("loss", "mean_kl", "top1")}
     speedup = mergekit_run["wall_s"] / expand_run["wall_s"]
     variants = len(a["rows"])
-    # expand's side if no variant ran a single layer: every variant (and the base row) still pays the lm_head
-    # and the comparison with the base
-    floor_s = costs["import_and_load_s"] + costs["eval_set_s"] + (variants + 1) * costs["head_and_compare_s"]
-    results = {"device": device, "sweep": "delete-one", "variants": variants,
-               "tokens": [args.num_sequences, args.seq_len], "expand": expand_run | {"compilations": a["compilations"]},
+    # expand's side if no variant ran a single layer: every variant (and the base row) still pays the fixed cost
+    floor_s = costs["import_and_load_s"] + costs["eval_set_s"] + (variants + 1) * costs["fixed_cost_per_variant_s"]
+    ratio = costs["fixed_cost_over_matmul"]
+    results = {"device": device, "load_average_before": load_before, "load_average_after": load_after,
+               "sweep": "delete-one", "variants": variants, "tokens": [args.num_sequences, args.seq_len],
+               "expand": expand_run | {"compilations": a["compilations"]},
                "mergekit_then_transformers": mergekit_run | {k: round(b[k], 2) for k in ("mergekit_s", "load_and_eval_s")},
                "speedup": round(speedup, 1), "max_metric_difference": agreement,
+               "fixed_cost_target": FIXED_COST_TARGET,
                "expand_costs": costs | {"no_layers_floor_s": floor_s,
                                         "best_possible_speedup": mergekit_run["wall_s"] / floor_s}}
-    lines = [f"device: {device}", f"delete-one sweep of SmolLM2-135M-Instruct, {variants} variants, "
-             f"{args.num_sequences} x {args.seq_len} tokens of the Python Language Reference", "",
+    lines = [f"device: {device}", f"load average (1, 5, 15 min) before {load_before}, after {load_after}",
+             f"delete-one sweep of SmolLM2-135M-Instruct, {variants} variants, {args.num_sequences} x {args.seq_len} "
+             "tokens of the Python Language Reference", "",
              f"expand (one process, {a['compilations']} compilations)       {expand_run['wall_s']:8.1f} s  "
              f"peak RSS {expand_run['peak_rss_mib']:.0f} MiB",
              f"mergekit-yaml + transformers, per variant       {mergekit_run['wall_s']:8.1f} s  "
              f"(mergekit {b['mergekit_s']:.1f} s, load + eval {b['load_and_eval_s']:.1f} s)",
              f"expand is {speedup:.1f}x faster; largest difference between the two ways' metrics: "
              + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()), "",
+             f"fixed cost per variant (final norm, lm_head, comparison with the base; median of {args.repeats}) "
+             f"{costs['fixed_cost_per_variant_s']:.3f} s against the bare lm_head matmul "
+             f"{costs['lm_head_matmul_s']:.3f} s in the same run: {ratio:.2f}x (target <= {FIXED_COST_TARGET}x: "
+             f"{'met' if ratio <= FIXED_COST_TARGET else 'not met'})",
              f"expand's time by part (a separate run): import + load {costs['import_and_load_s']:.1f} s, base "
              f"forward with hidden states {costs['eval_set_s']:.1f} s, delete-one variant "
              f"{costs['mean_variant_after_compile_s']:.2f} s on average once compiled (first "
-             f"{costs['variant_s'][0]:.2f} s), of which lm_head + comparison with the base "
-             f"{costs['head_and_compare_s']:.2f} s; transformers load + eval {b['load_and_eval_s'] / variants:.2f} s "
+             f"{costs['variant_s'][0]:.2f} s); transformers load + eval {b['load_and_eval_s'] / variants:.2f} s "
              "per variant",
              f"with no layer run at all expand's side would still take {floor_s:.1f} s: at most "
              f"{mergekit_run['wall_s'] / floor_s:.1f}x on this machine"]

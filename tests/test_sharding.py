@@ -1,5 +1,6 @@
 """Sharded execution on 8 host devices (a subprocess, since the device count is fixed when jax starts):
-loading places shards without gathering, and sharded forward, check and heal equal one device."""
+loading places shards without gathering and reads each byte of the checkpoint once, sharded forward,
+check, ablate, generate and heal equal one device, and a data axis splits the batch."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def run_sharded(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("mesh, q_spec, q_shard", [
     ("fsdp=8", [None, "fsdp", None, None], (4, 8, 8, 8)),
     ("fsdp=2,tp=4", [None, "fsdp", "tp", None], (4, 32, 2, 8)),
+    ("data=2,fsdp=4", [None, "fsdp", None, None], (4, 16, 8, 8)),
 ])
 def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     done = run_sharded("-m", "tests.sharded_run", str(checkpoint), mesh)
@@ -41,6 +43,8 @@ def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     assert out["specs"]["layers.self_attn.q_proj.weight"] == q_spec
     assert out["shard_shapes"]["layers.self_attn.q_proj.weight"] == [list(q_shard)]
     assert out["healed_spec"] == q_spec
+    if mesh.startswith("data="):  # the batch of 8 sequences is split over the 2 data groups
+        assert out["logits_spec"][0] == "data"
     # sharding reorders sums (fsdp splits the contraction over embed) and compiles other GEMM kernels: the
     # sharded fp32 logits: within twice the one-device fp32 distance from float64 (the fp32 floor), and
     # within 3x that floor of the one-device logits
@@ -49,6 +53,25 @@ def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     assert out["ablate_diff"] <= 1e-5
     assert out["generate_equal"]
     assert out["heal_param_max_diff"] <= 1e-5 and out["heal_loss_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("mesh", ["fsdp=8", "fsdp=2,tp=4"])
+def test_each_byte_of_the_checkpoint_is_read_once_over_the_mesh(checkpoint, mesh):
+    done = run_sharded("-m", "tests.sharded_reads", str(checkpoint), mesh)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    print(mesh, out)
+    assert out["same_values"]
+    # one device reads every tensor once, in one run each; on the mesh each device reads exactly the bytes of
+    # its own shards (contiguous rows or strided columns), not 8 copies of every tensor: with fsdp=8 every
+    # tensor is split, so the 8 devices together read the checkpoint once; with tp=4 the norm gains (split
+    # only over fsdp) are held, and read, by 4 devices each
+    assert out["one_device"]["bytes"] == out["tensor_bytes"] and out["one_device"]["reads"] == 39
+    assert out["mesh"]["bytes"] == out["shard_bytes"]
+    if mesh == "fsdp=8":
+        assert out["mesh"]["bytes"] == out["tensor_bytes"] <= out["file_bytes"]
+    else:
+        assert out["mesh"]["bytes"] - out["tensor_bytes"] == 3 * (2 * 4 + 1) * 64 * 4
 
 
 def test_a_mesh_that_does_not_divide_is_refused(checkpoint):
@@ -64,6 +87,7 @@ def test_mesh_text_errors():
 
     with pytest.raises(ValueError, match="AXIS=SIZE"):
         parse_mesh("dp=2")
+    assert parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "tp": 1}
     with pytest.raises(ValueError, match="needs 8 devices but 1"):
         make_mesh(parse_mesh("fsdp=8"), devices=["cpu0"])
 

@@ -1,18 +1,22 @@
-"""Evaluating depth variants on one copy of the weights: the eval set (token batches, the base's logits and
-residual stream kept on the device), and each variant's metrics, resumed from where it departs from a trunk."""
+"""Evaluating depth variants on one copy of the weights: the eval set (token batches, the base's logits with
+their logsumexp, and its residual stream, kept on the device), and each variant's metrics, resumed from
+where it departs from a trunk: one compiled function runs the variant's remaining slots, its lm_head and
+the comparison with the base (one log-softmax of the variant over the vocabulary)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from expand.ablate.sweeps import plan_of
-from expand.check import compare_logits
+from expand.check import Reference, compare_with, reference_of
 from expand.container import Model
+from expand.distributed import to_host
 from expand.model import forward
 from expand.params import param_count
 from expand.surgery.plan import LayerPlan
@@ -37,12 +41,13 @@ class Trunk:
 
 @dataclasses.dataclass
 class EvalSet:
-    """The eval tokens split into equal batches (one compiled shape), with the base's logits (B, T, V) per
-    batch and the base as a trunk, all on the device: each variant costs at most one forward, and only from
-    the first slot where it departs from the base."""
+    """The eval tokens split into equal batches (one compiled shape), with the base's side of the comparison
+    per batch (`expand.check.Reference`: logits (B, T, V), their logsumexp, top-1, finiteness) and the base
+    as a trunk, all on the device: each variant costs at most one forward, and only from the first slot
+    where it departs from the base."""
 
     batches: list[jax.Array]
-    base_logits: list[jax.Array]
+    references: list[Reference]
     base: Trunk
 
     @property
@@ -72,12 +77,21 @@ def eval_set(model: Model, tokens: np.ndarray, batch_size: int | None = None) ->
     batches = [jnp.asarray(tokens[i:i + size]) for i in range(0, len(tokens), size)]
     base = plan_of(range(model.config.num_hidden_layers), model.config.num_hidden_layers)
     runs = [run_with_hidden(model, b, base) for b in batches]
-    return EvalSet(batches, [logits for logits, _ in runs], Trunk(base, [hidden for _, hidden in runs]))
+    return EvalSet(batches, [reference_of(logits) for logits, _ in runs], Trunk(base, [hidden for _, hidden in runs]))
 
 
 def trunk_of(model: Model, evals: EvalSet, plan: LayerPlan) -> Trunk:
     """The plan's residual stream on every eval batch (one forward each)."""
     return Trunk(plan, [run_with_hidden(model, tokens, plan)[1] for tokens in evals.batches])
+
+
+def _resumed(model: Model, evals: EvalSet, batch: int, plan: LayerPlan, trunk: Trunk | None) -> dict:
+    """forward's arguments for the plan on eval batch `batch`, resumed from the trunk's (default: the base's)
+    residual stream after their shared prefix."""
+    trunk = trunk or evals.base
+    k = trunk.shared_prefix(plan)
+    return dict(layer_ids=jnp.asarray(plan.layer_ids), slot_scales=plan.slot_scales(),
+                resume=(jnp.int32(k), trunk.hidden[batch][k]))
 
 
 def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan,
@@ -86,10 +100,14 @@ def variant_logits(model: Model, evals: EvalSet, batch: int, plan: LayerPlan,
     from the trunk's (default: the base's) residual stream after their shared prefix: removing layer i from
     the base runs only slots i .. N-2. The prefix length is data, so every plan of one length shares one
     compiled forward."""
-    trunk = trunk or evals.base
-    k = trunk.shared_prefix(plan)
-    return forward(model.params, evals.batches[batch], model.config, layer_ids=jnp.asarray(plan.layer_ids),
-                   slot_scales=plan.slot_scales(), resume=(jnp.int32(k), trunk.hidden[batch][k]))
+    return forward(model.params, evals.batches[batch], model.config, **_resumed(model, evals, batch, plan, trunk))
+
+
+@partial(jax.jit, static_argnames="config")
+def _variant_stats(params, tokens, config, layer_ids, slot_scales, resume, reference):
+    """`variant_logits` and `compare_with` the base in one compiled function: per-position stats (B, T)."""
+    logits = forward(params, tokens, config, layer_ids=layer_ids, slot_scales=slot_scales, resume=resume)
+    return compare_with(reference, logits, tokens)
 
 
 def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None = None) -> dict:
@@ -100,9 +118,9 @@ def evaluate(model: Model, evals: EvalSet, plan: LayerPlan, trunk: Trunk | None 
     (never a number that looks fine)."""
     windows: dict[str, list[np.ndarray]] = {"loss": [], "mean_kl": [], "top1": []}
     delta, finite = 0.0, True
-    for batch, (tokens, base_logits) in enumerate(zip(evals.batches, evals.base_logits)):
-        logits = variant_logits(model, evals, batch, plan, trunk)
-        stats = jax.device_get(compare_logits(base_logits, logits, tokens))
+    for batch, (tokens, reference) in enumerate(zip(evals.batches, evals.references)):
+        stats = to_host(_variant_stats(model.params, tokens, model.config, reference=reference,
+                                       **_resumed(model, evals, batch, plan, trunk)))
         finite = finite and bool(stats["finite"].all())
         windows["loss"].append(stats["nll"].astype(np.float64).mean(axis=1))
         windows["mean_kl"].append(stats["kl"].astype(np.float64).mean(axis=1))

@@ -12,6 +12,7 @@ import numpy as np
 from expand.ablate.evaluate import EvalSet
 from expand.ablate.sweeps import Sweep
 from expand.container import Model
+from expand.distributed import to_host
 
 
 @jax.jit
@@ -29,7 +30,7 @@ def importance(model: Model, evals: EvalSet, block_sizes: Sequence[int] = (1,)) 
     n_layers = model.config.num_hidden_layers
     adjacent, last_token = [], []
     for hidden in evals.base.hidden:
-        cos = np.asarray(_cosines(hidden), np.float64)  # (N+1, N+1, B, T)
+        cos = to_host(_cosines(hidden)).astype(np.float64)  # (N+1, N+1, B, T)
         adjacent.append(np.stack([cos[i, i + 1].mean(axis=-1) for i in range(n_layers)]))  # (N, B)
         last_token.append(cos[..., -1])  # (N+1, N+1, B)
     block_influence = 1.0 - np.concatenate(adjacent, axis=1)  # (N, S): every window has T positions

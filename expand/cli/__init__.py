@@ -1,14 +1,17 @@
 """The `expand` command line: each verb is one library call plus printing.
 
 Exit status: 0 success (for `check`: preserved), 1 `check` found drift or a non-finite model, 2 an error (bad
-input, with a message naming the problem and the fix; never a traceback).
+input, with a message naming the problem and the fix; never a traceback). Run as several processes, every
+process exits with the largest status of all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import traceback
 
 from rich.console import Console
 from rich.text import Text
@@ -44,12 +47,11 @@ def print_error(message: str) -> None:
     Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(message))
 
 
-def main(argv: list[str] | None = None) -> int:
-    # expand needs transformers only for configs and tokenizers; its advice to install PyTorch is noise here
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
-    from expand.io.atomic import release_all
+def run_verb(args) -> int:
+    """The verb's exit status, errors reported: bad input is `error: ...` and 2. An unexpected error is a
+    traceback; with several processes it is printed and the status is 1, so that the processes can still
+    agree on one status."""
+    from expand.distributed import several
 
     try:
         return args.run(args)
@@ -59,6 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted (an output being written was removed)")
         return 130
+    except Exception:
+        if not several():
+            raise
+        traceback.print_exc()
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    # expand needs transformers only for configs and tokenizers; its advice to install PyTorch is noise here
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    from expand.distributed import agree_on_exit_code
+    from expand.io.atomic import release_all
+
+    devices = getattr(args, "devices", None) or (lambda args: contextlib.nullcontext())
+    try:
+        with devices(args):  # jax.distributed and the mesh, before anything touches a device
+            return agree_on_exit_code(run_verb(args))
+    except user_errors() as e:
+        print_error(str(e))
+        return 2
     finally:
         release_all()
 

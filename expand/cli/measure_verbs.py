@@ -7,6 +7,7 @@ from rich.text import Text
 
 from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, claim_output,
                                 eval_tokens, input_paths, load_on_mesh, verb)
+from expand.distributed import on_writer
 from expand.report import console, format_value, print_reports, print_table
 
 
@@ -44,10 +45,13 @@ def cmd_check(args) -> int:
         console.print(Text(f"first layer out of the floor: slot {report.first_drift_layer} "
                            f"(base layer {report.layers[report.first_drift_layer]['base_layer']}); "
                            f"{len(drifting)} of {len(report.layers)} slots drift"))
-    if args.json:
-        report.write_json(args.json)
-    if args.plot:
-        plot_layers([report], args.plot)
+    def write_reports() -> None:
+        if args.json:
+            report.write_json(args.json)
+        if args.plot:
+            plot_layers([report], args.plot)
+
+    on_writer(write_reports)
     return 0 if report.preserved else 1
 
 
@@ -68,9 +72,12 @@ def cmd_ablate(args) -> int:
     console.print(Text(f"{len(table.rows)} variants, {table.compilations} compilations of the forward "
                        f"(lengths {table.lengths})"))
     if args.out:
-        with atomic_dir(args.out, args.force, inputs=inputs) as tmp:
-            written = table.write(tmp)
-        console.print(Text(f"written to {args.out}/: {', '.join(written)}"))
+        def write_table() -> list[str]:
+            with atomic_dir(args.out, args.force, inputs=inputs) as tmp:
+                return table.write(tmp)
+
+        written = on_writer(write_table)
+        console.print(Text(f"written to {args.out}/: {', '.join(written or [])}"))
     return 0
 
 

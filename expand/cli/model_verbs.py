@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from expand import io
 from expand.cli.options import (LAYER_SPEC_HELP, add_mesh_options, claim_output, depth_plan, load_on_mesh,
                                 parse_dtype, verb)
 from expand.params import param_count
-from expand.report import console
+from expand.report import console, print_table
 
 MODEL_HELP = "an HF directory, a .gguf file, an orbax directory written by expand, or 'smollm2' (embedded)"
 
@@ -21,16 +23,64 @@ MODEL_HELP = "an HF directory, a .gguf file, an orbax directory written by expan
 def cmd_show(args) -> int:
     from expand.show import describe
 
+    if (args.mesh or args.batch or args.seq_len or args.dtype) and not args.memory:
+        raise ValueError("--mesh, --batch, --seq-len and --dtype of expand show go with --memory check|heal")
     plan = depth_plan(io.read_config(args.model), args, required=False)
     info = describe(args.model, plan)
+    estimate = memory_estimate(args, plan) if args.memory else None
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info | ({"memory": estimate.to_json()} if estimate else {}), indent=2))
         return 0
     table = Table(title=Text(str(args.model)), show_header=False)
     for key, value in info["table"]:
         table.add_row(Text(key), Text(value))
     console.print(table)
+    if estimate:
+        print_estimate(estimate)
     return 0
+
+
+def memory_estimate(args, plan):
+    """XLA's memory analysis of what `expand check` (the plan as the candidate) or `expand heal` (the model
+    through the plan, distilled from itself) compiles for --mesh, on abstract shapes."""
+    from expand.memory import check_estimate, compile_devices, heal_estimate
+    from expand.sharding import make_mesh, mesh_devices, parse_mesh
+
+    config = io.read_config(args.model)
+    sizes = parse_mesh(args.mesh or "fsdp=1")
+    mesh = make_mesh(sizes, compile_devices(mesh_devices(sizes)))
+    if args.memory == "check":
+        tokens = (args.batch or 4, args.seq_len or 512)
+        return check_estimate(config, mesh, args.mesh or "one device", tokens, args.dtype or "fp32", plan)
+    if args.dtype not in (None, "fp32"):
+        raise ValueError("expand heal trains in fp32: --dtype goes with --memory check")
+    return heal_estimate(config, mesh, args.mesh or "one device", (args.batch or 4, args.seq_len or 256), plan)
+
+
+def print_estimate(estimate) -> None:
+    from expand.show import human_bytes as gib
+
+    rows = [{"compiled": c.name, "arguments": gib(c.arguments), "outputs": gib(c.outputs),
+             "temporaries": gib(c.temporaries), "total": gib(c.total)} for c in estimate.compiled]
+    b, t = estimate.tokens
+    print_table(rows, f"expand {estimate.verb}: XLA's memory analysis per device, mesh {estimate.mesh} compiled "
+                f"for {estimate.devices}, {b} x {t} tokens, {estimate.dtype}", left=("compiled",))
+    for stage, value in estimate.stages.items():
+        console.print(Text(f"  {stage}: {gib(value)} per device"))
+    console.print(Text("hand arithmetic per device: " + ", ".join(f"{k} {gib(v)}" for k, v in estimate.hand.items())))
+    console.print(Text(f"peak: {gib(estimate.peak)} per device", style="bold"))
+
+
+@contextlib.contextmanager
+def compile_devices(args):
+    """show --memory with a mesh of more devices than the machine has compiles for that many simulated CPU
+    devices, which XLA must be asked for before anything starts a backend."""
+    if args.memory and args.mesh and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        from expand.sharding import mesh_devices, parse_mesh
+
+        count = mesh_devices(parse_mesh(args.mesh))
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    yield
 
 
 def cmd_generate(args) -> int:
@@ -101,7 +151,17 @@ def register(verbs) -> None:
     p.add_argument("model", help=MODEL_HELP)
     add_show_plan_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(run=cmd_show)
+    p.add_argument("--memory", choices=("check", "heal"), help="compile what `expand check` (the plan as the "
+                   "candidate, virtual) or `expand heal --teacher MODEL` runs, on abstract shapes for --mesh, and "
+                   "print XLA's memory analysis per device (no weights read)")
+    p.add_argument("--mesh", metavar="AXES", help="with --memory: the mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: "
+                   "one device; simulated CPU devices when the machine has fewer)")
+    p.add_argument("--batch", type=int, metavar="B", help="with --memory: sequences per batch (default: 4)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="with --memory: tokens per sequence (default: 512 for "
+                   "check, 256 for heal, as those verbs)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp64"), help="with --memory check: the check's dtype "
+                   "(default: fp32)")
+    p.set_defaults(run=cmd_show, devices=compile_devices)
 
     p = verb(verbs, "generate", "answer a prompt (chat template applied), streaming tokens", LAYER_SPEC_HELP)
     p.add_argument("model", help=MODEL_HELP)

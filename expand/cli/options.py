@@ -4,6 +4,7 @@ library's inputs (dtypes, depth plans, token batches, models placed on a mesh)."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from pathlib import Path
 
@@ -72,13 +73,42 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_mesh_options(p: argparse.ArgumentParser) -> None:
-    """Options of every verb that runs the model: where its weights live."""
-    p.add_argument("--mesh", metavar="AXES", help="shard the weights over a device mesh, e.g. fsdp=8 or "
-                   "data=2,fsdp=4 (default: one device)")
+    """Options of every verb that runs the model: where its weights live (`run_devices` reads them)."""
+    p.add_argument("--mesh", metavar="AXES", help="shard the weights over a device mesh of data (batch rows), "
+                   "fsdp (residual width) and tp (heads, MLP, vocab), e.g. fsdp=8, fsdp=2,tp=4 or data=2,fsdp=4 "
+                   "(default: one device)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="several processes: process 0's address "
-                   "(jax.distributed)")
+                   "(jax.distributed; every process runs the same command with its own --process-id)")
     p.add_argument("--num-processes", type=int, metavar="N", help="several processes: how many")
     p.add_argument("--process-id", type=int, metavar="I", help="several processes: this one's index, 0..N-1")
+    p.set_defaults(devices=run_devices)
+
+
+@contextlib.contextmanager
+def run_devices(args):
+    """What a verb with mesh options runs on, set up before anything touches a device: with --coordinator
+    (or --num-processes / --process-id), jax.distributed first, and only process 0 prints reports; with
+    --mesh, the mesh made current (`jax.set_mesh`), which `load_on_mesh` places the weights on and the
+    forward splits its batch over."""
+    from expand import distributed
+    from expand.sharding import make_mesh, parse_mesh
+
+    if any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        if not args.mesh:
+            raise ValueError("several processes run one mesh over all their devices: give --mesh too, e.g. "
+                             "--mesh fsdp=4 for 2 processes of 2 devices each")
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        if not distributed.is_writer():
+            from expand import progress, report
+
+            report.console.quiet = progress.console.quiet = True
+    if not args.mesh:
+        yield
+        return
+    import jax
+
+    with jax.set_mesh(make_mesh(parse_mesh(args.mesh))):
+        yield
 
 
 def add_eval_options(p: argparse.ArgumentParser, seq_len: int = 512, num_sequences: int | None = 4) -> None:
@@ -122,9 +152,12 @@ def input_paths(args, *models) -> list[Path]:
 def claim_output(out, args, *models) -> list[Path]:
     """Refuse an OUT that is, lies inside or contains anything the verb reads (`input_paths`), with or
     without --force, then claim OUT for this run: another run writing it, or OUT existing without --force,
-    is refused (exit 2) before any work. Returns the inputs, for the write's own check."""
+    is refused (exit 2) before any work. With several processes process 0 claims it, and a refusal there is
+    an error on every process. Returns the inputs, for the write's own check."""
+    from expand.distributed import on_writer
+
     reads = input_paths(args, *models)
-    atomic.claim_output(out, args.force, reads)
+    on_writer(lambda: atomic.claim_output(out, args.force, reads))
     return reads
 
 
@@ -151,15 +184,12 @@ def depth_plan(config, args, required: bool = True):
 
 
 def load_on_mesh(path, args, dtype=jnp.float32):
-    """io.load, with each tensor placed straight into its shards when --mesh is given (after
-    jax.distributed.initialize when --coordinator is)."""
-    if not args.mesh:
-        return io.load(path, dtype=dtype)
-    from expand.sharding import initialize_distributed, make_mesh, parse_mesh, placement
+    """io.load, with each tensor placed straight into its shards on the current mesh (`run_devices`: --mesh)."""
+    from expand.sharding import current_mesh, placement
 
-    if args.coordinator or args.num_processes is not None:
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    mesh = make_mesh(parse_mesh(args.mesh))
+    mesh = current_mesh()
+    if mesh is None:
+        return io.load(path, dtype=dtype)
     return io.load(path, dtype=dtype, placement=placement(io.read_config(path), mesh))
 
 

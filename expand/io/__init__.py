@@ -2,8 +2,10 @@
 the embedded default model. I/O happens here and nowhere else; everything between is pure.
 
 `load(path)` reads tensor by tensor: each param array is built with `jax.make_array_from_callback`, whose
-callback reads (and for stacked tensors, stacks) only the layers that one device shard holds, so no
-checkpoint is ever held in RAM twice and sharded loads place every shard directly on its device.
+callback reads (and for stacked tensors, stacks) only the block that one device shard holds, from that
+block's byte ranges of a safetensors file (GGUF tensors are dequantized whole, then sliced), so no
+checkpoint is ever held in RAM twice, sharded loads place every shard directly on its device, and the
+devices of a mesh together read each byte about once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config, read_config_json
+from expand.distributed import several, to_host, write_on_writer
 from expand.io.atomic import NoSpaceError, atomic_dir, is_disk_full, refuse_existing, refuse_overlap
 from expand.io.card import model_card
 from expand.io.embedded import EMBEDDED, cache_dir, embedded_gguf, embedded_tokenizer_dir
@@ -187,10 +190,26 @@ def _single_device(spec: TensorSpec, shape) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
+def read_shard(config: Config, source, spec: TensorSpec, index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+    """One device's block of a param (index: a slice per axis of `spec.full_axes`), in `dtype`, reading only
+    that block of each layer's HF tensor from the source (`source.read_block`): the block's slices are mapped
+    through the table to HF's axes (`TensorSpec.hf_index`), read, and transposed to our layout."""
+    index = tuple(index) + (slice(None),) * (len(spec.full_axes) - len(index))
+    shape = spec.hf_named_shape(config)
+
+    def one(layer: int | None, block: tuple[slice, ...]) -> np.ndarray:
+        named = source.read_block(spec.hf_name(layer), shape, spec.hf_index(block))
+        return spec.from_hf_named(named).astype(dtype, copy=False)
+
+    if not spec.stacked:
+        return one(None, index)
+    return np.stack([one(layer, index[1:]) for layer in range(config.num_hidden_layers)[index[0]]])
+
+
 def params_from_source(config: Config, source, dtype=jnp.float32, placement: Placement | None = None,
                        description: str = "loading") -> Params:
     """Build every param array from an HF-layout tensor source (checked by `validate_source`), one tensor
-    (or device shard) at a time."""
+    (or device shard) at a time: each device's shard is read from its own bytes of the file (`read_shard`)."""
     placement = placement or _single_device
     np_dtype = np.dtype(dtype)
     params: Params = {}
@@ -198,16 +217,8 @@ def params_from_source(config: Config, source, dtype=jnp.float32, placement: Pla
     with progress_bar(description, total=len(specs)) as advance:
         for spec in specs:
             shape = spec.shape(config)
-
-            def read(index, spec=spec):
-                if not spec.stacked:
-                    return spec.from_hf(source.read(spec.hf_name()), config).astype(np_dtype)[index]
-                layers = range(config.num_hidden_layers)[index[0]]
-                block = np.stack([spec.from_hf(source.read(spec.hf_name(i)), config).astype(np_dtype)
-                                  for i in layers])
-                return block[(slice(None),) + tuple(index[1:])]
-
-            params[spec.name] = jax.make_array_from_callback(shape, placement(spec, shape), read)
+            params[spec.name] = jax.make_array_from_callback(
+                shape, placement(spec, shape), lambda index, spec=spec: read_shard(config, source, spec, index, np_dtype))
             advance()
     return params
 
@@ -249,34 +260,53 @@ def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, 
     tokenizer_from: a model path / embedded name / tokenizer object whose tokenizer (and chat template)
     is saved alongside. The write goes to a temporary sibling and is renamed into place (`atomic_dir`); an
     existing `path` is replaced only with overwrite=True, and never when it is, lies inside or contains
-    `tokenizer_from` or any of `inputs` (paths the caller read)."""
+    `tokenizer_from` or any of `inputs` (paths the caller read). With several processes (HF format only)
+    every process takes part in gathering each tensor and process 0 writes (`distributed.write_on_writer`)."""
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
+    if format == "orbax" and several():
+        raise ValueError("several processes write HF checkpoints (gathered by process 0), not orbax; save with "
+                         "format='hf', or from one process")
     source = tokenizer_from.source if isinstance(tokenizer_from, Model) else tokenizer_from
     inputs = [*inputs, *([input_path(source)] if isinstance(source, (str, Path)) else [])]
     refuse_overlap(path, inputs)
     check_params(config, params)
     dtype = np.dtype(dtype or params["embed_tokens.weight"].dtype)
-    with atomic_dir(path, overwrite, inputs=inputs) as tmp:
-        if format == "hf":
-            _write_safetensors(tmp, config, params, dtype, parse_size(max_shard_size))
-        else:
-            _write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
-        write_metadata(tmp, config, dtype, tokenizer_from, provenance)
+    entries, tensor = hf_tensors(config, params, dtype)
+
+    def write(produce) -> None:
+        with atomic_dir(path, overwrite, inputs=inputs) as tmp:
+            if format == "hf":
+                _write_safetensors(tmp, entries, produce, parse_size(max_shard_size))
+            else:
+                _write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
+            write_metadata(tmp, config, dtype, tokenizer_from, provenance)
+
+    write_on_writer(write, len(entries) if format == "hf" else 0, tensor)
     return Path(path)
 
 
-def _write_safetensors(directory: Path, config: Config, params: Params, dtype: np.dtype, max_shard_bytes: int):
-    specs = {hf: (spec, layer) for hf, spec, layer in iter_hf_names(config)}
-    entries = [TensorEntry(hf, spec.hf_shape(config), dtype) for hf, (spec, layer) in specs.items()]
+def hf_tensors(config: Config, params: Params, dtype: np.dtype) -> tuple[list[TensorEntry], Callable[[int], np.ndarray]]:
+    """The HF tensors of params, in HF's order: their entries, and i -> tensor i in HF layout as numpy in
+    `dtype` (fetched with `to_host`: with several processes a collective, called by every process)."""
+    specs = list(iter_hf_names(config))
+    entries = [TensorEntry(hf, spec.hf_shape(config), dtype) for hf, spec, _ in specs]
 
-    def produce(entry: TensorEntry) -> np.ndarray:
-        spec, layer = specs[entry.name]
+    def tensor(i: int) -> np.ndarray:
+        _, spec, layer = specs[i]
         array = params[spec.name] if layer is None else params[spec.name][layer]
-        return spec.to_hf(np.asarray(array), config).astype(dtype)
+        return spec.to_hf(to_host(array), config).astype(dtype)
 
+    return entries, tensor
+
+
+def _write_safetensors(directory: Path, entries: list[TensorEntry], produce: Callable[[int], np.ndarray],
+                       max_shard_bytes: int) -> None:
+    """write_sharded of entries, tensor i of them from produce(i) (asked for in order)."""
+    position = {entry.name: i for i, entry in enumerate(entries)}
     with progress_bar(f"writing {directory.name.split('.tmp-')[0].lstrip('.')}", total=len(entries)) as advance:
-        write_sharded(directory, entries, produce, max_shard_bytes, on_tensor=lambda e: advance())
+        write_sharded(directory, entries, lambda entry: produce(position[entry.name]), max_shard_bytes,
+                      on_tensor=lambda e: advance())
 
 
 def write_metadata(directory: Path, config: Config, dtype, tokenizer_from=None,

@@ -111,6 +111,11 @@ class GGUFSource:
             return unpermute_rotary_rows(array, self._config["num_key_value_heads"])
         return array
 
+    def read_block(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` of the tensor viewed as `shape`: quantized blocks span rows, so the whole tensor
+        is read and dequantized, then sliced (every device's shard reads the whole tensor)."""
+        return self.read(name).reshape(shape)[tuple(index)]
+
     def file_bytes(self) -> int:
         return self.path.stat().st_size
 

@@ -2,9 +2,9 @@
 
 Both directions are our own code on the standard format (8-byte little-endian header length, JSON header,
 raw data). Reading first checks every header (and the index) as the safetensors library does, so a file
-the library refuses is refused here before any tensor is used; then it copies one tensor at a time out of
-the file (no memory map, whose touched pages would count as resident memory until the whole file set had
-been read). Writing is a streaming writer: each shard's header is written first (shapes and dtypes are known in
+the library refuses is refused here before any tensor is used; then it copies one tensor, or one block of a
+tensor (a device's shard), at a time out of the file, reading only that block's byte ranges (no memory
+map, whose touched pages would count as resident memory until the whole file set had been read). Writing is a streaming writer: each shard's header is written first (shapes and dtypes are known in
 advance), then each tensor's bytes as it is produced, so peak memory is the largest single tensor, not a
 shard. The files are read back by the `safetensors` library and transformers.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -90,17 +91,67 @@ class SafetensorsSource:
         return self._stored(name).dtype
 
     def read(self, name: str) -> np.ndarray:
+        """The whole tensor, in its stored shape."""
+        shape = self.shape(name)
+        return self.read_block(name, shape, (slice(None),) * len(shape))
+
+    def read_block(self, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` (a slice per axis, step 1) of the tensor viewed as the C-order `shape` (a reshape
+        of its stored shape), reading only the block's bytes from the file: a block whose trailing axes are
+        whole is one contiguous run per combination of its leading indices (`block_runs`); a block of
+        the leading axis is a single run, a block of the last axis one run per row."""
         stored = self._stored(name)
         dtype = numpy_dtype(stored.dtype, f"{name} in {stored.path}")
-        buffer = np.empty(math.prod(stored.shape) * dtype.itemsize, np.uint8)
+        if math.prod(shape) != math.prod(stored.shape):
+            raise ValueError(f"{name} is stored as {stored.shape}, which does not reshape to {shape}")
+        block_shape, offsets, run = block_runs(shape, index)
+        buffer = np.empty(math.prod(block_shape) * dtype.itemsize, np.uint8)
+        view, run_bytes = memoryview(buffer), run * dtype.itemsize
         with open(stored.path, "rb") as f:
-            f.seek(stored.offset)
-            if f.readinto(buffer) != buffer.size:
-                raise CheckpointError(f"{stored.path} ends inside {name}: the file is truncated; {REDO}")
-        return buffer.view(dtype).reshape(stored.shape)
+            for i, offset in enumerate(offsets.tolist()):
+                target = view[i * run_bytes:(i + 1) * run_bytes]
+                if read_bytes(f.fileno(), target, stored.offset + offset * dtype.itemsize) != run_bytes:
+                    raise CheckpointError(f"{stored.path} ends inside {name}: the file is truncated; {REDO}")
+        return buffer.view(dtype).reshape(block_shape)
 
     def file_bytes(self) -> int:
         return sum(p.stat().st_size for p in set(t.path for t in self._tensors.values()))
+
+
+def read_bytes(fd: int, target: memoryview, offset: int) -> int:
+    """Read len(target) bytes of the open file `fd` at `offset` into `target`; returns the bytes read (fewer
+    only at the end of the file). Every tensor byte expand reads from a safetensors file passes here."""
+    done = 0
+    while done < len(target):
+        n = os.preadv(fd, [target[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def block_runs(shape: tuple[int, ...], index: tuple[slice, ...]):
+    """Where the block `index` (a slice per axis, step 1; missing trailing ones whole) of a C-order array of
+    `shape` lies: (block shape, element offsets of its contiguous runs in block order, elements per run). The axes after the last partial one are whole, so each run covers that axis's range times
+    everything after it; the runs are the combinations of the indices before it."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    bounds = []
+    for axis, (s, n) in enumerate(zip(index, shape)):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"a block is read with step 1 on every axis, got {s} on axis {axis}")
+        bounds.append((start, max(start, stop)))
+    block_shape = tuple(b - a for a, b in bounds)
+    strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
+    partial = [axis for axis, (a, b) in enumerate(bounds) if (a, b) != (0, shape[axis])]
+    if not partial or math.prod(block_shape) == 0:  # the whole tensor, or nothing
+        return block_shape, np.zeros(1 if math.prod(block_shape) else 0, np.int64), math.prod(block_shape)
+    last = partial[-1]
+    run = block_shape[last] * strides[last]
+    offsets = np.asarray(bounds[last][0] * strides[last], np.int64)
+    for axis in range(last - 1, -1, -1):  # outer product over the leading axes, the earliest varying slowest
+        offsets = (np.arange(*bounds[axis], dtype=np.int64)[:, None] * strides[axis] + offsets.reshape(1, -1))
+    return block_shape, offsets.reshape(-1), run
 
 
 def numpy_dtype(code: str, what: str) -> np.dtype:

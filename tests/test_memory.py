@@ -1,0 +1,52 @@
+"""`expand show --memory`: XLA's memory analysis on abstract shapes (config.json alone) equals that of the
+same function compiled from real weights on the same mesh, and its arguments and outputs are the bytes the
+real arrays take on a device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_hf_checkpoint
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(*args: str, devices: int = 8) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("memory") / "model", num_key_value_heads=4)
+
+
+def test_show_memory_equals_the_compiled_function_on_real_weights(checkpoint, tmp_path):
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((checkpoint / "config.json").read_text())  # no weights: never read
+    shown = run("-m", "expand", "show", str(config_only), "--layer-spec", "0:3,1:", "--memory", "check", "--mesh",
+                "fsdp=2,tp=4", "--batch", "4", "--seq-len", "32", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    estimate = json.loads(shown.stdout)["memory"]
+    candidate = next(c for c in estimate["compiled"] if c["name"] == "candidate forward fp32")
+    real = run("-m", "tests.memory_run", str(checkpoint), "fsdp=2,tp=4", "0:3,1:", "4", "32")
+    assert real.returncode == 0, real.stderr[-3000:]
+    out = json.loads(real.stdout.strip().splitlines()[-1])
+    print(candidate, out)
+    for key in ("arguments", "outputs", "temporaries"):
+        assert candidate[key] == out["analysis"][key], key
+    assert candidate["arguments"] == out["measured"]["arguments"]
+    assert candidate["outputs"] == out["measured"]["outputs"] + 2 * 8  # XLA's output tuple: two pointers
+    assert estimate["peak_bytes_per_device"] == max(estimate["stages"].values()) > candidate["arguments"]
+
+
+def test_memory_options_need_memory(checkpoint):
+    done = run("-m", "expand", "show", str(checkpoint), "--mesh", "fsdp=2", devices=1)
+    assert done.returncode == 2 and "go with --memory" in done.stderr
