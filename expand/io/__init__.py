@@ -198,17 +198,25 @@ def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, 
     tokenizer_from: a model path / embedded name / tokenizer object whose tokenizer (and chat template)
     is saved alongside. The write goes to a temporary sibling and is renamed into place; an existing
     `path` is replaced only with overwrite=True."""
+    with atomic_dir(path, overwrite) as tmp:
+        write_model(tmp, config, params, tokenizer_from, format=format, provenance=provenance, dtype=dtype,
+                    max_shard_size=max_shard_size)
+    return Path(path)
+
+
+def write_model(directory: Path, config: Config, params: Params, tokenizer_from=None, *, format: str = "hf",
+                provenance: Provenance | None = None, dtype=None, max_shard_size: str | int = "2GB") -> None:
+    """What `save` writes, into an existing directory (for outputs that hold more than the model, written
+    whole into one `atomic_dir`)."""
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
     check_params(config, params)
     dtype = np.dtype(dtype or params["embed_tokens.weight"].dtype)
-    with atomic_dir(path, overwrite) as tmp:
-        if format == "hf":
-            _write_safetensors(tmp, config, params, dtype, parse_size(max_shard_size))
-        else:
-            _write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
-        write_metadata(tmp, config, dtype, tokenizer_from, provenance)
-    return Path(path)
+    if format == "hf":
+        _write_safetensors(directory, config, params, dtype, parse_size(max_shard_size))
+    else:
+        _write_orbax(directory, {name: value.astype(dtype) for name, value in params.items()})
+    write_metadata(directory, config, dtype, tokenizer_from, provenance)
 
 
 def _write_safetensors(directory: Path, config: Config, params: Params, dtype: np.dtype, max_shard_bytes: int):
