@@ -43,7 +43,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        has_default = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if has_default and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 

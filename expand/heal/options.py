@@ -34,8 +34,8 @@ class HealOptions:
     the backward pass; loss_chunk: positions whose logits exist at once (memory O(loss_chunk x vocab))."""
 
     steps: int = 100
-    lr: float = 1e-4
-    warmup: int = 10
+    lr: float = 3e-5  # lr and warmup: chosen by experiments/healing/sweep.py (SmolLM2, layer 12 deleted)
+    warmup: int = 0
     decay_steps: int | None = None
     weight_decay: float = 0.0
     clip: float = 1.0

@@ -22,6 +22,9 @@ from expand.params import Params
 from expand.surgery.plan import LayerPlan
 
 
+TOKEN_DIGESTS = {"train_tokens": "training", "held_out_tokens": "held-out"}  # checkpoint meta key: which tokens
+
+
 @dataclasses.dataclass
 class RunState:
     """Everything a checkpoint holds: the weights and optimizer state after `step` optimizer steps, the
@@ -91,11 +94,14 @@ def _restore(manager, directory, state: RunState, meta: dict, options: HealOptio
 
     step = manager.latest_step()
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not all(key in saved for key in ("options", "teacher", *TOKEN_DIGESTS)):
+        raise ValueError(f"cannot resume the run in {directory}: its checkpoints were written by an earlier version "
+                         "of expand heal; start a new run (another OUT, or delete that directory)")
     problem = resume_mismatch(saved["options"], options)
     if problem is None and saved["teacher"] != meta["teacher"]:
         problem = ("the checkpoints were made " + ("with" if saved["teacher"] else "without") +
                    " a teacher; run again " + ("with" if saved["teacher"] else "without") + " --teacher")
-    for key, what in (("train_tokens", "training"), ("held_out_tokens", "held-out")):
+    for key, what in TOKEN_DIGESTS.items():
         if problem is None and saved[key] != meta[key]:
             problem = (f"the {what} tokens differ from those the checkpoints were made on; give the same text, "
                        "--seq-len, --num-sequences (and --eval-text) as that run")
@@ -161,30 +167,32 @@ def heal(model: Model, tokens: np.ndarray, plan: LayerPlan | None = None, teache
     else:
         state.held_out.append({"step": 0, **evaluate(state.params)})
     best_value = next(e[metric] for e in state.held_out if e["step"] == state.best_step)
-    with progress_bar("healing", total=options.steps) as advance:
-        advance(state.step)
-        while state.step < options.steps:
-            batch = jnp.asarray(batch_at(train, state.step, options.batch_size, options.seed))
-            view = None if teacher is None else teacher_view(teacher.params, batch, teacher.config)
-            params, opt_state, logs, finite = step_fn(state.params, state.opt_state, batch, view)
-            step = state.step + 1
-            logs = {"step": step, **{k: float(v) for k, v in logs.items()}}
-            if not (np.isfinite(logs["loss"]) and bool(finite)):
-                raise HealDiverged(divergence_message(step, logs["loss"], manager, checkpoint_dir))
-            state = dataclasses.replace(state, step=step, params=params, opt_state=opt_state)
-            state.history.append(logs)
-            if on_step is not None:
-                on_step(step, logs)
-            if step % options.eval_every == 0 or step == options.steps:
-                evaluation = {"step": step, **evaluate(params)}
-                state.held_out.append(evaluation)
-                if state.best is not None and evaluation[metric] < best_value:
-                    state.best, state.best_step, best_value = copy(params), step, evaluation[metric]
-            if manager is not None and (step % options.checkpoint_every == 0 or step == options.steps):
-                _save(manager, state, meta)
-            advance()
-    if manager is not None:
-        manager.close()
+    try:
+        with progress_bar("healing", total=options.steps) as advance:
+            advance(state.step)
+            while state.step < options.steps:
+                batch = jnp.asarray(batch_at(train, state.step, options.batch_size, options.seed))
+                view = None if teacher is None else teacher_view(teacher.params, batch, teacher.config)
+                params, opt_state, logs, finite = step_fn(state.params, state.opt_state, batch, view)
+                step = state.step + 1
+                logs = {"step": step, **{k: float(v) for k, v in logs.items()}}
+                if not (np.isfinite(logs["loss"]) and bool(finite)):
+                    raise HealDiverged(divergence_message(step, logs["loss"], manager, checkpoint_dir))
+                state = dataclasses.replace(state, step=step, params=params, opt_state=opt_state)
+                state.history.append(logs)
+                if on_step is not None:
+                    on_step(step, logs)
+                if step % options.eval_every == 0 or step == options.steps:
+                    evaluation = {"step": step, **evaluate(params)}
+                    state.held_out.append(evaluation)
+                    if state.best is not None and evaluation[metric] < best_value:
+                        state.best, state.best_step, best_value = copy(params), step, evaluation[metric]
+                if manager is not None and (step % options.checkpoint_every == 0 or step == options.steps):
+                    _save(manager, state, meta)
+                advance()
+    finally:
+        if manager is not None:
+            manager.close()
     kept, kept_step = (state.best, state.best_step) if options.keep == "best" else (state.params, state.step)
     lineage = plan.lineage_after(model.lineage()) if plan is not None else model.lineage()
     operation = {"op": "heal", "teacher": None if teacher is None else str(teacher.source),

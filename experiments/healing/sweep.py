@@ -4,13 +4,16 @@ default training text), judged every 10 steps on 4 x 256 tokens of the Python La
 it never trains on (mean KL to the base, top-1 agreement, LM loss).
 
 Stages, each choosing by the held-out KL after the last step (seed 0):
-    lr       1e-4, 3e-4, 1e-3, 3e-3 at warmup 5, pure distillation
+    lr       1e-5, 3e-5, 1e-4, 3e-4 at warmup 5, pure distillation
     warmup   0 and 10 at the chosen lr
     lm       LM weight 0.1 and 1 (the old default, LM + KL) at the chosen lr and warmup
     seeds    seeds 1 and 2 of the chosen setting, of the runner-up learning rate and of LM weight 1, so that
              the choices can be read against the spread over seeds
 
     python -m experiments.healing.sweep
+
+Runs already recorded in sweep.json (same setting and seed) are taken from it, so an interrupted sweep
+continues where it stopped; delete sweep.json to run everything again.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from __future__ import annotations
 import time
 
 import expand
+from expand.heal import HealOptions
 from expand.io.embedded import cache_dir
 from expand.text import default_text, shipped_text, text_sha256, token_batch
 from experiments.healing.common import HERE, TEXT, compare, load_results, run, settings, write_results
 
 STEPS = 30
 BASE_OPTIONS = dict(steps=STEPS, batch_size=2, eval_every=10, checkpoint_every=STEPS)
-LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+LRS = (1e-5, 3e-5, 1e-4, 3e-4)
 WARMUPS = (0, 10)
 LM_WEIGHTS = (0.1, 1.0)
 
@@ -51,11 +55,15 @@ def main() -> None:
                         "batch": [2, 128], "train_rows": list(train.shape), "held_out": list(held_out.shape),
                         "texts": {"expand-docs": text_sha256(default_text()), TEXT: text_sha256(shipped_text(TEXT))},
                         "device": "CPU, 2 cores (no GPU lent)"}
+    recorded = {(r["name"], r["seed"]): r for r in results.get("runs", [])}
     runs: list[dict] = []
     start = time.perf_counter()
 
     def trial(options: dict, seed: int = 0) -> dict:
-        record, _ = run(name_of(options), base, plan, train, held_out, base, {**BASE_OPTIONS, **options}, seed)
+        record = recorded.get((name_of(options), seed))
+        if record is None or record["options"] != HealOptions(**{**BASE_OPTIONS, **options, "seed": seed,
+                                                                 "keep": "last"}).to_json():
+            record, _ = run(name_of(options), base, plan, train, held_out, base, {**BASE_OPTIONS, **options}, seed)
         runs.append(record)
         results["runs"] = runs
         write_results(path, results)
