@@ -191,7 +191,7 @@ def _precision(dtype):
 
 
 def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_ids, slot_scales,
-            kv_cache=None, cache_index=0, collect_hidden=False, implementation=None, resume=None):
+            kv_cache=None, cache_index=0, collect_hidden=False, implementation=None, resume=None, remat=False):
     """The stack of slots, without the final norm and head (`lm_head`). tokens, positions (B, T);
     key_valid (B, S) marks keys that may be attended; layer_ids (N,); slot_scales {name: (N,)};
     kv_cache (k, v) each (N, B, m, S, h) or None: this step's keys and values are written in place at
@@ -199,7 +199,8 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
     those positions is rewritten).
     resume (k, h): start from the residual stream h (B, T, d) entering slot k and skip slots 0 .. k-1
     (a `lax.cond` per slot, so one compiled function serves every k); the caller vouches that h is what
-    those slots compute.
+    those slots compute. remat: under differentiation, recompute each slot's activations in the backward
+    pass instead of storing them (only the residual stream entering each slot is kept).
 
     Returns the residual stream after the last slot (B, T, d), the updated cache, and (if collect_hidden)
     the residual stream per slot (N + 1, B, T, d): index 0 is the embedding output, index s + 1 the output
@@ -224,6 +225,9 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
             h, cache = decoder_layer(h, w, cos, sin, mask, cache, (index, cache_index), config, implementation)
             return constrain_batch(h), cache
 
+        if remat:
+            run_slot = jax.checkpoint(run_slot)
+
         def slot(carry, xs):
             index, layer, scales = xs
             if resume is None:
@@ -241,13 +245,37 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
 
 
 def lm_head(params: Params, h, config: Config) -> jax.Array:
-    """The final RMSNorm and the output projection: h (B, T, d) -> logits (B, T, V) in float32 (float64
-    for float64 params); the head is embed_tokens transposed when the embeddings are tied."""
-    embed = params["embed_tokens.weight"]
-    with _precision(embed.dtype):
+    """The final RMSNorm and the output projection: h (..., d) -> logits (..., V) in float32 (float64 for
+    float64 params); the head is embed_tokens transposed when the embeddings are tied."""
+    with _precision(params["embed_tokens.weight"].dtype):
         normed = rms_norm(h, params["norm.weight"], config.rms_norm_eps)
-        head = params.get("lm_head.weight", embed.T if config.tie_word_embeddings else None)
-        return jnp.einsum("btd,dv->btv", normed, head).astype(jnp.promote_types(embed.dtype, jnp.float32))
+    return logits_from_hidden(normed, head_weight(params, config))
+
+
+def head_weight(params: Params, config: Config) -> jax.Array:
+    """The (d, V) output projection: lm_head, or the embedding transposed when the two are tied."""
+    return params.get("lm_head.weight", params["embed_tokens.weight"].T if config.tie_word_embeddings else None)
+
+
+def logits_from_hidden(normed: jax.Array, head: jax.Array) -> jax.Array:
+    """Final-normed hidden states (..., d) times the head (d, V) -> logits (..., V), in at least float32, at
+    the forward pass's matmul precision."""
+    with _precision(head.dtype):
+        return jnp.einsum("...d,dv->...v", normed, head).astype(jnp.promote_types(head.dtype, jnp.float32))
+
+
+def final_hidden(params: Params, tokens, config: Config, layer_ids=None, slot_scales=None, remat: bool = False):
+    """The final-normed residual stream (B, T, d) of tokens (B, T): what `forward` computes before the head
+    (`logits_from_hidden(final_hidden(...), head_weight(...))` are its logits). For losses that apply the head to a few positions at a time. remat: see
+    `decoder`. Not jitted itself: call it inside a jitted function."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    batch, length = tokens.shape
+    layer_ids = default_layer_ids(config) if layer_ids is None else jnp.asarray(layer_ids, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    h, _, _ = decoder(params, tokens, positions, jnp.ones((batch, length), bool), config, layer_ids,
+                      slot_scales or {}, remat=remat)
+    with _precision(params["embed_tokens.weight"].dtype):
+        return rms_norm(h, params["norm.weight"], config.rms_norm_eps)
 
 
 def default_layer_ids(config: Config) -> jax.Array:

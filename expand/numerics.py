@@ -1,11 +1,14 @@
 """The few numbers every verb computes, each defined once: scaled rounding of weights, next-token
-cross-entropy and KL divergence between two sets of logits.
+cross-entropy and KL divergence between two sets of logits, and both computed a chunk of positions at a
+time (`chunked_token_terms`) for losses over a large vocabulary.
 
 Shapes: logits (..., V) over a vocabulary of V; the leading axes are positions (B, T) or anything else.
 Every reduction over V runs in at least float32, whatever the logits' dtype.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,3 +50,41 @@ def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
     value slightly below 0 is rounding, and a loss needs its gradient there (reports clip it)."""
     log_p, log_q = log_probs(p_logits), log_probs(q_logits)
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def chunked_token_terms(hidden: jax.Array, targets: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],
+                        teacher_hidden: jax.Array | None = None,
+                        teacher_logits_fn: Callable[[jax.Array], jax.Array] | None = None,
+                        chunk: int = 256) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per position p: the cross-entropy -log softmax(z_p)[y_p], KL(teacher_p || student_p) and whether the
+    two argmaxes agree, where z = logits_fn(hidden) (the student's logits) and the teacher's are
+    teacher_logits_fn(teacher_hidden); computed `chunk` positions at a time, so that no (P, V) array exists.
+
+    hidden (P, d) and teacher_hidden (P, d'): final hidden states; targets (P,) int; logits_fn (c, d) ->
+    (c, V) and teacher_logits_fn (c, d') -> (c, V), e.g. a head projection. Returns nll, kl, agree, each (P,)
+    float (kl and agree are zeros without a teacher). The values are `token_nll` and `kl_divergence` on the
+    whole logits, summed in another order. Each chunk is recomputed in the backward pass (jax.checkpoint)
+    instead of keeping its logits, so differentiating holds O(chunk x V) floats rather than O(P x V): the
+    head's matmuls run twice, in exchange for memory independent of P."""
+    positions = hidden.shape[0]
+    chunk = max(1, min(chunk, positions))
+    count = -(-positions // chunk)
+
+    def split(x):
+        if x is None:
+            return None
+        padded = jnp.pad(x, [(0, count * chunk - positions)] + [(0, 0)] * (x.ndim - 1))
+        return padded.reshape((count, chunk) + x.shape[1:])
+
+    def terms(xs):
+        h, y, teacher_h = xs
+        logits = logits_fn(h)
+        nll = token_nll(logits, y)
+        if teacher_logits_fn is None:
+            return nll, jnp.zeros_like(nll), jnp.zeros_like(nll)
+        teacher = teacher_logits_fn(teacher_h)
+        agree = jnp.argmax(teacher, axis=-1) == jnp.argmax(logits, axis=-1)
+        return nll, kl_divergence(teacher, logits), agree.astype(nll.dtype)
+
+    out = jax.lax.map(jax.checkpoint(terms), (split(hidden), split(targets), split(teacher_hidden)))
+    return tuple(o.reshape(-1)[:positions] for o in out)

@@ -29,7 +29,7 @@ def main(path: str, mesh_text: str) -> None:
     prompts = [list(map(int, row[:8])) for row in tokens[:2]]
     # Adam's update g / (|g| + eps) turns rounding-level differences of near-zero gradients into differences
     # of up to lr per step, so the parameter comparison uses a small learning rate
-    options = HealOptions(steps=3, lr=1e-5, warmup=0, batch_size=4)
+    options = HealOptions(steps=3, lr=1e-5, warmup=0, batch_size=4, eval_every=2, keep="last")
 
     def runs(model):
         return {"logits": np.asarray(expand.forward(model.params, tokens, model.config)),
@@ -66,6 +66,8 @@ def main(path: str, mesh_text: str) -> None:
     out["heal_param_max_diff"] = max(float(np.abs(np.asarray(ha.params[k]) - np.asarray(hb.params[k])).max())
                                      for k in hb.params)
     out["heal_loss_diff"] = max(abs(x["loss"] - y["loss"]) for x, y in zip(ha.history, hb.history))
+    out["heal_held_out_diff"] = max(abs(x[k] - y[k]) for x, y in zip(ha.held_out, hb.held_out)
+                                    for k in ("lm", "kl", "top1"))
     out["healed_spec"] = normalized(ha.params["layers.self_attn.q_proj.weight"].sharding.spec, 4)
     print(json.dumps(out))
 

@@ -37,7 +37,8 @@ def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     print(mesh, {k: out[k] for k in ("forward_max_diff", "sharded_vs_fp64", "logit_scale", "fp32_floor", "check_diff",
-                                     "ablate_diff", "heal_param_max_diff", "heal_loss_diff")})
+                                     "ablate_diff", "heal_param_max_diff", "heal_loss_diff",
+                                     "heal_held_out_diff")})
     assert out["devices"] == 8
     # each device holds only its shard: q_proj (layers 4, embed 64, heads 8, head_dim 8)
     assert out["specs"]["layers.self_attn.q_proj.weight"] == q_spec
@@ -52,7 +53,7 @@ def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     assert max(out["check_diff"].values()) <= 1e-5
     assert out["ablate_diff"] <= 1e-5
     assert out["generate_equal"]
-    assert out["heal_param_max_diff"] <= 1e-5 and out["heal_loss_diff"] <= 1e-5
+    assert out["heal_param_max_diff"] <= 1e-5 and out["heal_loss_diff"] <= 1e-5 and out["heal_held_out_diff"] <= 1e-5
 
 
 @pytest.mark.parametrize("mesh", ["fsdp=8", "fsdp=2,tp=4"])

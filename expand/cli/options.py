@@ -46,7 +46,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        has_default = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if has_default and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 
@@ -142,22 +143,22 @@ def input_paths(args, *models) -> list[Path]:
         from expand.surgery.recipe import recipe_model_names
 
         reads += [Path(recipe), *(io.input_path(m) for m in recipe_model_names(recipe))]
-    reads += [Path(text) for text in getattr(args, "text", None) or ()]
+    reads += [Path(text) for text in (getattr(args, "text", None) or []) + (getattr(args, "eval_text", None) or [])]
     sweep = getattr(args, "sweep", None) or ""
     if sweep.startswith("specs:"):
         reads.append(Path(sweep.removeprefix("specs:")))
     return reads
 
 
-def claim_output(out, args, *models) -> list[Path]:
+def claim_output(out, args, *models, overwrite: bool | None = None) -> list[Path]:
     """Refuse an OUT that is, lies inside or contains anything the verb reads (`input_paths`), with or
-    without --force, then claim OUT for this run: another run writing it, or OUT existing without --force,
-    is refused (exit 2) before any work. With several processes process 0 claims it, and a refusal there is
+    without --force, then claim OUT for this run: another run writing it, or OUT existing without --force
+    (or `overwrite`, where the verb decides), is refused (exit 2) before any work. With several processes process 0 claims it, and a refusal there is
     an error on every process. Returns the inputs, for the write's own check."""
     from expand.distributed import on_writer
 
     reads = input_paths(args, *models)
-    on_writer(lambda: atomic.claim_output(out, args.force, reads))
+    on_writer(lambda: atomic.claim_output(out, args.force if overwrite is None else overwrite, reads))
     return reads
 
 

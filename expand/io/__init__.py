@@ -253,14 +253,15 @@ def dtype_name(dtype) -> str:
 
 def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, *, format: str = "hf",
          overwrite: bool = False, provenance: Provenance | None = None, dtype=None,
-         max_shard_size: str | int = "2GB", inputs=()) -> Path:
+         max_shard_size: str | int = "2GB", inputs=(), extra: Callable[[Path], None] | None = None) -> Path:
     """Write a model as an HF directory (sharded safetensors + index, config.json, generation_config.json,
     tokenizer files) or, with format='orbax', as an orbax checkpoint with the same metadata files.
 
     tokenizer_from: a model path / embedded name / tokenizer object whose tokenizer (and chat template)
     is saved alongside. The write goes to a temporary sibling and is renamed into place (`atomic_dir`); an
     existing `path` is replaced only with overwrite=True, and never when it is, lies inside or contains
-    `tokenizer_from` or any of `inputs` (paths the caller read). With several processes (HF format only)
+    `tokenizer_from` or any of `inputs` (paths the caller read). extra(directory), if given, writes companion files (a history, a
+    plot) into the same temporary directory, so the model and they appear together or not at all. With several processes (HF format only)
     every process takes part in gathering each tensor and process 0 writes (`distributed.write_on_writer`)."""
     if format not in ("hf", "orbax"):
         raise ValueError(f"format must be 'hf' or 'orbax', got {format!r}")
@@ -281,6 +282,8 @@ def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, 
             else:
                 _write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
             write_metadata(tmp, config, dtype, tokenizer_from, provenance)
+            if extra is not None:
+                extra(tmp)
 
     write_on_writer(write, len(entries) if format == "hf" else 0, tensor)
     return Path(path)
