@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import RESULTS, device_line, write_results  # noqa: E402
+from experiments.benchlib import RESULTS, device_line, write_results
 
 SLOTS = [30, 60, 140, 400]
 STORED_FOR_VIRTUAL = 30

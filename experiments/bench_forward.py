@@ -32,10 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import device_line, write_results  # noqa: E402
-
-import expand  # noqa: E402
+import expand
+from experiments.benchlib import device_line, write_results
 
 PREFILL = [(1, 512), (4, 512), (1, 2048)]
 DECODE = [1, 8]
