@@ -16,7 +16,7 @@ from expand.check import check, run_base
 from expand.cli import main
 from expand.model import TRACE_COUNTS, forward, lm_loss
 from expand.surgery.layerspec import parse_layer_spec
-from tests.conftest import make_hf_checkpoint, random_tokens
+from tests.helpers import make_hf_checkpoint, random_tokens
 
 LAYERS = 6
 

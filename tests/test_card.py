@@ -13,7 +13,7 @@ import expand
 from expand.cli import main
 from expand.io.card import recipe_of
 from expand.surgery.plan import with_identity, with_slot_scale
-from tests.conftest import make_hf_checkpoint
+from tests.helpers import make_hf_checkpoint
 from tests.tiny_tokenizer import VOCAB_SIZE, save_tiny_tokenizer
 
 

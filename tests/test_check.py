@@ -12,7 +12,7 @@ import expand
 from expand.check import check, run_base
 from expand.cli import main
 from expand.surgery.grow import widen_model
-from tests.conftest import make_hf_checkpoint, random_tokens
+from tests.helpers import make_hf_checkpoint, random_tokens
 
 
 @pytest.fixture(scope="module")

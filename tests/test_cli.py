@@ -9,7 +9,7 @@ import numpy as np
 
 import expand
 from expand.cli import main
-from tests.conftest import random_tokens, torch_logits, torch_reference
+from tests.helpers import random_tokens, torch_logits, torch_reference
 
 
 def test_show_works_from_config_json_alone(tmp_path, tiny_checkpoint, capsys):

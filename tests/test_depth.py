@@ -14,7 +14,7 @@ import yaml
 import expand
 from expand.cli import main
 from expand.surgery.plan import IDENTITY_SCALES
-from tests.conftest import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
+from tests.helpers import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
 
 RECIPES = Path(__file__).parents[1] / "experiments" / "recipes"
 SMOLLM2_RECIPES = sorted(RECIPES.glob("smollm2-*.yaml"))

@@ -8,7 +8,7 @@ import numpy as np
 
 import expand
 from expand.generate import sample_next
-from tests.conftest import random_tokens, torch_reference
+from tests.helpers import random_tokens, torch_reference
 
 
 def test_greedy_equals_transformers_for_a_left_padded_batch(tiny_checkpoint):

@@ -14,7 +14,7 @@ import expand
 from expand.cli import main
 from expand.io.gguf_writer import permute_rotary_rows
 from expand.io.gguf import unpermute_rotary_rows
-from tests.conftest import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
+from tests.helpers import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
 from tests.tiny_tokenizer import VOCAB_SIZE, save_tiny_tokenizer
 
 TEXTS = ["Question: What color is the sky? 12345", "<s>user: hi</s> The river ran slowly.\n\nDone"]

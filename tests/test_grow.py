@@ -12,7 +12,7 @@ from expand.cli import main
 from expand.params import param_shapes
 from expand.surgery.tensorplan import BASE, DONOR, copy_tensors, depth_tensors, width_tensors
 from expand.surgery.width import width_plan
-from tests.conftest import make_hf_checkpoint, random_tokens
+from tests.helpers import make_hf_checkpoint, random_tokens
 
 SIZES = dict(hidden_size=80, num_attention_heads=10, num_key_value_heads=5, intermediate_size=200)
 

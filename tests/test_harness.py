@@ -24,7 +24,7 @@ pytest.importorskip("lm_eval")
 import expand  # noqa: E402
 from expand.harness import ExpandLM, bucket_length, evaluate  # noqa: E402
 from expand.model import TRACE_COUNTS  # noqa: E402
-from tests.conftest import make_hf_checkpoint  # noqa: E402
+from tests.helpers import make_hf_checkpoint  # noqa: E402
 from tests.tiny_tokenizer import DATA, VOCAB_SIZE, save_tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).parents[1]

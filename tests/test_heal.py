@@ -23,7 +23,7 @@ from expand.heal import HealDiverged, HealOptions, export, heal, make_student
 from expand.heal.loss import heal_loss, teacher_view
 from expand.model import forward
 from expand.numerics import kl_divergence, next_token_nll
-from tests.conftest import random_tokens
+from tests.helpers import random_tokens
 
 ROOT = Path(__file__).parents[1]
 

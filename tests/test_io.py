@@ -14,7 +14,7 @@ import pytest
 
 import expand
 from expand.io.atomic import OutputExistsError
-from tests.conftest import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
+from tests.helpers import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
 
 CONFIGS = Path(__file__).parents[1] / "experiments" / "configs"
 

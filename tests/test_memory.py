@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_hf_checkpoint
+from tests.helpers import make_hf_checkpoint
 
 ROOT = Path(__file__).parents[1]
 

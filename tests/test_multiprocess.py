@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import make_hf_checkpoint
+from tests.helpers import make_hf_checkpoint
 from tests.processes import run_expand, run_expand_alone
 
 TOKENS = ["--random-tokens", "--seq-len", "32", "--num-sequences", "4"]

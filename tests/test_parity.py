@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import expand
-from tests.conftest import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
+from tests.helpers import make_hf_checkpoint, random_tokens, torch_logits, torch_reference
 
 TOL = 1e-4
 

@@ -33,7 +33,7 @@ import expand
 from expand.cli import main
 from expand.io import atomic
 from expand.surgery.grow import widen_to_disk
-from tests.conftest import make_hf_checkpoint
+from tests.helpers import make_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTH_12 = ["--layer-spec", "0:4,0:4,0:4"]

@@ -12,7 +12,7 @@ import expand
 from expand.model import lm_loss
 from expand.params import init_params
 from expand.surgery.width import head_maps, width_plan
-from tests.conftest import TINY, random_tokens
+from tests.helpers import TINY, random_tokens
 
 BASE = expand.Config.from_hf({**TINY, "architectures": ["LlamaForCausalLM"], "num_attention_heads": 4,
                               "num_key_value_heads": 2, "hidden_size": 32, "intermediate_size": 48})
@@ -266,7 +266,7 @@ def test_dry_run_of_frankenllama_13b_to_33b_width(capsys):
 
 def test_expand_widen_on_disk_equals_in_memory_and_loads_in_transformers(tmp_path, tiny_checkpoint):
     from expand.cli import main
-    from tests.conftest import make_hf_checkpoint, torch_logits, torch_reference
+    from tests.helpers import make_hf_checkpoint, torch_logits, torch_reference
 
     donor = make_hf_checkpoint(tmp_path / "donor", seed=5, hidden_size=128, num_attention_heads=16,
                                num_key_value_heads=4, intermediate_size=256, num_hidden_layers=8)
