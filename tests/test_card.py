@@ -3,6 +3,7 @@ recipe that rebuilds the same plan, the exact parameter count, and the source's 
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -76,3 +77,22 @@ def test_every_output_directory_has_a_card(tiny_lm, tmp_path):
     saved = (tmp_path / "saved" / "README.md").read_text()
     assert "no recorded source" in saved and f"| parameters | {expand.param_count(model.config):,} |" in saved
     assert np.all([(tmp_path / d / "chat_template.jinja").exists() for d in ("copy", "wide", "saved")])
+
+
+@pytest.mark.parametrize("verb, args, verdict", [("depth", ["--layer-spec", "0:3,1:"], "drifted"),
+                                                 ("widen", ["--hidden-size", "96"], "preserved")])
+def test_check_recorded_in_the_output(tiny_lm, tmp_path, verb, args, verdict):
+    """--check: the output carries check.json and the verdict in its card, the same report `expand check`
+    gives afterwards on the same text."""
+    out = tmp_path / "out"
+    assert main([verb, str(tiny_lm), str(out), *args, "--check"]) == 0
+    recorded = json.loads((out / "check.json").read_text())
+    text = expand.shipped_text("expand-docs")
+    assert recorded["texts"] == {"expand-docs": expand.text.text_sha256(text)}
+    after = expand.check(tiny_lm, out, text=text)
+    assert recorded["verdict"] == after.verdict == verdict
+    assert recorded["max_abs_logit_delta"] == after.max_abs_logit_delta and recorded["mean_kl"] == after.mean_kl
+    card = (out / "README.md").read_text()
+    assert "No function check was recorded" not in card and f"| {verdict} | {after.max_abs_logit_delta:.3g} |" in card
+    assert card.index("## Check") < card.index("## Files")
+

@@ -129,6 +129,8 @@ def add_output_options(p: argparse.ArgumentParser, dtype_help: str) -> None:
     p.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest safetensors file, e.g. 5GB, "
                    "500MB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (never an input)")
+    p.add_argument("--check", action="store_true", help="before OUT is published, check it against MODEL on 4 x 512 "
+                   "tokens of expand's shipped text and record the verdict in OUT (check.json, and in README.md)")
 
 
 # ---- from options to inputs ---------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 from rich.text import Text
 
@@ -154,11 +156,28 @@ def cmd_surgery(args) -> int:
     out = grow_to_disk(args.model, args.out, plan=plan, models=recipe_paths(plan, args.model),
                        donor=getattr(args, "donor", None),
                        dtype=parse_dtype(args.dtype) if args.dtype else None, max_shard_size=args.max_shard_size,
-                       overwrite=args.force, **request)
+                       overwrite=args.force, extra=recorded_check(args.model) if args.check else None, **request)
     written = io.read_config(out)
     layers = f"{written.num_hidden_layers} layers" + (f" ({plan.layer_map()})" if plan else "")
     console.print(Text(f"wrote {out}: {layers}, hidden {written.hidden_size}, {param_count(written):,} parameters"))
     return 0
+
+
+def recorded_check(model: str):
+    """directory -> None: check the written model in `directory` against `model` (expand's default text) and
+    record the report in it (`expand.io.card.record_check`); the verdict is printed too."""
+    from expand.check import check
+    from expand.io.card import record_check
+    from expand.report import print_reports
+    from expand.text import DEFAULT_TEXT, shipped_text, text_sha256
+
+    def record(directory: Path) -> None:
+        name = directory.name.split(".tmp-")[0].lstrip(".")
+        report = check(model, directory, text=shipped_text(DEFAULT_TEXT), name=name)
+        print_reports([report], f"{name} against {model}")
+        record_check(directory, report.to_json(), model, {DEFAULT_TEXT: text_sha256(shipped_text(DEFAULT_TEXT))})
+
+    return record
 
 
 def add_width_options(p) -> None:

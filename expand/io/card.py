@@ -6,7 +6,9 @@ provenance (expand.json), which stays the machine-readable record."""
 
 from __future__ import annotations
 
+import json
 from importlib import metadata
+from pathlib import Path
 
 import yaml
 
@@ -76,6 +78,35 @@ def _operation_section(step: int, operation: dict, model: str) -> list[str]:
     return [f"### {step}. {kind}", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).rstrip(), "```", ""]
 
 
+CHECK_HEADING = ["## Check", ""]
+CHECK_FILE = "check.json"
+
+
+def check_section(report: dict, base: str, text: dict[str, str]) -> list[str]:
+    """The card's check section for a recorded `expand.check` report (its `to_json()`), measured on the
+    shipped text `text` ({name: sha256})."""
+    (name, sha), = text.items()
+    batch, length = report["tokens"]
+    drift = report["first_drift_layer"]
+    return CHECK_HEADING + [
+        f"Checked against `{base}` before this directory was written (`{CHECK_FILE}` holds the whole report, per-layer "
+        f"drift included), on {batch} x {length} tokens of expand's shipped text `{name}` (sha256 {sha[:12]}...):", "",
+        "| verdict | max abs delta logit | numerical floor | mean KL | top-1 agreement | first drifting slot |",
+        "|---|---|---|---|---|---|",
+        f"| {report['verdict']} | {report['max_abs_logit_delta']:.3g} | {report['floor']:.3g} | {report['mean_kl']:.3g} | "
+        f"{report['top1_agreement']:.1%} | {'none' if drift is None else drift} |", ""]
+
+
+def record_check(directory: Path, report: dict, base: str, text: dict[str, str]) -> None:
+    """Write `report` as check.json into an output directory and put its verdict into the card (README.md),
+    in place of the section that says no check was recorded."""
+    (directory / CHECK_FILE).write_text(json.dumps({"texts": text, **report}, indent=2) + "\n")
+    card = (directory / "README.md").read_text().split("\n")
+    start = card.index(CHECK_HEADING[0])
+    end = next(i for i in range(start + 1, len(card)) if card[i].startswith("## "))
+    (directory / "README.md").write_text("\n".join(card[:start] + check_section(report, base, text) + card[end:]))
+
+
 def model_card(name: str, config: Config, dtype: str, provenance: Provenance | None,
                chat_template: bool) -> str:
     """The README.md of output directory `name`."""
@@ -94,9 +125,9 @@ def model_card(name: str, config: Config, dtype: str, provenance: Provenance | N
         lines += ["## How it was made", ""]
         for step, operation in enumerate(history, 1):
             lines += _operation_section(step, operation, (base or "MODEL") if step == 1 else "MODEL")
-    lines += ["## Check", "",
-              "No function check was recorded with this model. Compare it with its base layer by layer "
-              f"(the layer map is in {FILE_NAME}):", "", "```", f"expand check {base or 'BASE'} {name}", "```", ""]
+    lines += CHECK_HEADING + ["No function check was recorded with this model. Compare it with its base layer by "
+                              f"layer (the layer map is in {FILE_NAME}):", "", "```",
+                              f"expand check {base or 'BASE'} {name}", "```", ""]
     tokenizer = "the tokenizer" + (" and its chat template (carried over from the source)" if chat_template else "")
     record = f", and `{FILE_NAME}` (the provenance: slot -> base layer, base width, every operation)" \
         if provenance is not None else ""

@@ -68,13 +68,15 @@ def output_dtype(plan: TensorPlan, lead: Checkpoint) -> np.dtype:
 
 
 def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out: str | Path, *,
-                    lead: str = BASE, dtype=None, max_shard_size: str | int = "2GB", overwrite: bool = False) -> Path:
+                    lead: str = BASE, dtype=None, max_shard_size: str | int = "2GB", overwrite: bool = False,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Stream the plan into a new HF directory: each output tensor is read from its checkpoint(s), computed
     and written before the next is read, into sharded safetensors, written atomically beside `out`.
 
     checkpoints: every input model the plan reads, opened (`expand.io.open_checkpoint`), by key.
     lead: the checkpoint whose tokenizer and provenance the output carries (a multi-model recipe's MODEL).
-    dtype: output dtype (default: `output_dtype`)."""
+    dtype: output dtype (default: `output_dtype`).
+    extra(directory): run on the complete output before it is published (e.g. a check recorded in it)."""
     missing = sorted(set(plan.inputs) - set(checkpoints))
     if missing:
         raise ValueError(f"the plan reads models {missing}, which were not given")
@@ -102,4 +104,6 @@ def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out
             write_sharded(tmp, entries, produce, parse_size(max_shard_size), on_tensor=lambda e: advance())
         write_metadata(tmp, plan.config, out_dtype, tokenizer_from, plan.lineage(leading.provenance),
                        chat_template=chat_template)
+        if extra is not None:
+            extra(tmp)
     return Path(out)

@@ -60,14 +60,15 @@ def widen_model(model: Model, donor: Model | None = None, **sizes_and_options) -
 
 def grow_to_disk(model, out, *, plan: LayerPlan | None = None, models: Mapping[str, str | Path] | None = None,
                  donor=None, dtype=None, max_shard_size: str | int = "2GB", overwrite: bool = False,
-                 **width_request) -> Path:
+                 extra=None, **width_request) -> Path:
     """A depth plan, then a widening of its result, streamed from checkpoint(s) to a new HF directory in one
     pass: each output tensor is read, scaled, grown and written before the next is read.
 
     plan: the depth plan (None: the model's layers as they are). models: where each model of a multi-model
         recipe is, by the recipe's names. donor: a wider model for the widening.
     width_request: the sizes and options of `widen` (none: no widening).
-    dtype: output dtype (default: the recipe's out_dtype or dtype, else the source's)."""
+    dtype: output dtype (default: the recipe's out_dtype or dtype, else the source's).
+    extra(directory): run on the complete output before it is published (`execute_to_disk`)."""
     if plan is None and not width_request:
         raise ValueError("nothing to do: give a depth plan, target sizes, or both")
     if plan is not None and plan.tokenizer_model is not None:
@@ -86,7 +87,7 @@ def grow_to_disk(model, out, *, plan: LayerPlan | None = None, models: Mapping[s
     elif donor is not None:
         raise ValueError("a donor fills a widening's new blocks: give target sizes too")
     return execute_to_disk(tensors, checkpoints, out, dtype=dtype, max_shard_size=max_shard_size,
-                           overwrite=overwrite)
+                           overwrite=overwrite, extra=extra)
 
 
 def depth_to_disk(model, out, plan: LayerPlan, *, models: Mapping[str, str | Path] | None = None, dtype=None,
