@@ -7,7 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-STUDIES := experiments.frankenllama.run experiments.ablation.run experiments.parity_floor
+STUDIES := experiments.frankenllama.run experiments.ablation.run experiments.parity_floor \
+           experiments.healing.sweep experiments.healing.cli_heal experiments.healing.run
 
 .PHONY: demo test setup experiments clean
 
