@@ -115,7 +115,7 @@ def plot_layers(reports, path: str | Path) -> None:
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -134,6 +134,6 @@ def plot_summary(reports, path: str | Path) -> None:
     ax.invert_yaxis()
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 

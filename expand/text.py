@@ -70,11 +70,13 @@ def token_batch(model, text: str | None, seq_len: int, num_sequences: int | None
 
     tokenizer = load_tokenizer(model)
     ids = tokenizer(text if text is not None else default_text())["input_ids"]
+    if seq_len < 1 or (num_sequences is not None and num_sequences < 1):
+        raise ValueError(f"sequences of {seq_len} tokens, {num_sequences} of them: both must be at least 1")
     fits = len(ids) // seq_len
     wanted = fits if num_sequences is None else num_sequences
     if wanted < 1 or fits < wanted:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than {wanted or 1} x {seq_len}: give more text "
-                         f"or fewer or shorter sequences (it fills {fits} of {seq_len})")
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than {max(wanted, 1)} x {seq_len}: give more text "
+                         f"or fewer or shorter sequences (it fills {fits} sequences of {seq_len} tokens)")
     return np.asarray(ids[:wanted * seq_len], np.int32).reshape(wanted, seq_len)
 
 

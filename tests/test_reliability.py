@@ -528,3 +528,58 @@ def test_a_full_disk_is_exit_2_naming_the_output_and_the_space_it_needs(tmp_path
     assert f"no space left on the device to write {out}" in result.stderr
     assert re.search(r"it needs [\d,]+ bytes", result.stderr), result.stderr
     assert result.stdout.split() == []  # nothing left on the small disk
+
+
+def test_an_output_over_the_files_an_input_links_to_is_refused(tmp_path, tiny_checkpoint, capsys):
+    """A Hugging Face cache snapshot is a folder of links into blobs/: writing over blobs/ would change the
+    input, so it is refused like the input itself, with and without --force."""
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshot"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir()
+    for path in tiny_checkpoint.iterdir():
+        shutil.copy(path, blobs / (path.name + ".blob"))
+        (snapshot / path.name).symlink_to(Path("..") / "blobs" / (path.name + ".blob"))
+    before = hashes(blobs, snapshot)
+    for out in (blobs, blobs / "config.json.blob"):
+        for force in ([], ["--force"]):
+            assert main(["depth", str(snapshot), str(out), "--layer-spec", "0:2", *force]) == 2
+            assert "through its link to" in capsys.readouterr().err
+    assert hashes(blobs, snapshot) == before
+
+
+def test_check_reports_are_claimed_outputs(tmp_path, tiny_checkpoint, capsys):
+    """--json and --plot: an existing file is replaced only with --force, a folder in the way or a missing
+    parent is exit 2 before the check runs (exit 1 means drifted), and both files appear whole."""
+    report = tmp_path / "report.json"
+    report.write_text("precious\n")
+    args = ["check", str(tiny_checkpoint), "--layer-spec", "0:3", "--random-tokens", "--seq-len", "16"]
+    assert main([*args, "--json", str(report)]) == 2 and report.read_text() == "precious\n"
+    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert main([*args, "--json", str(tmp_path / "folder")]) == 2
+    assert main([*args, "--json", str(report), "--plot", str(tmp_path / "drift.png"), "--force"]) == 1
+    assert json.loads(report.read_text())["verdict"] == "drifted"
+    assert (tmp_path / "drift.png").read_bytes().startswith(b"\x89PNG") and leftovers(report) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "M", "--layer-spec", "0:3", "--seq-len", "0"],
+    ["ablate", "M", "--sweep", "delete-one", "--num-sequences", "0"],
+    ["heal", "M", "OUT", "--steps", "-1"],
+    ["generate", "M", "--prompt", "hi", "--top-p", "2"],
+    ["generate", "M", "--prompt", "hi", "--temperature", "-1"],
+    ["show", "M", "--memory", "check", "--batch", "0"],
+])
+def test_sizes_and_rates_out_of_range_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [".nan", ".inf", "-.inf"])
+def test_a_recipe_scale_that_is_not_finite_is_refused(tmp_path, tiny_checkpoint, scale, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n- sources:\n  - model: {tiny_checkpoint}\n"
+                      f"    layer_range: [0, 2]\n    parameters: {{scale: [{{filter: o_proj, value: {scale}}}]}}\n")
+    assert main(["depth", str(tiny_checkpoint), str(tmp_path / "out"), "--recipe", str(recipe)]) == 2
+    assert "must be finite" in capsys.readouterr().err and not (tmp_path / "out").exists()

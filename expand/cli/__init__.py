@@ -38,8 +38,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from expand.io.atomic import NoSpaceError, OutputExistsError
     from expand.io.safetensors import CheckpointError
 
-    return ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError, ConfigError, \
-        OutputExistsError, NoSpaceError, HealDiverged
+    # OSError: what the file system refused (a folder where a file goes, a full disk, a read-only mount)
+    return ValueError, OSError, CheckpointError, ConfigError, OutputExistsError, NoSpaceError, HealDiverged
 
 
 def print_error(message: str) -> None:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 from rich.text import Text
 
-from expand.cli.options import LAYER_SPEC_HELP, SWEEP_HELP, add_mesh_options, load_on_mesh, verb
+from expand.cli.options import (
+    LAYER_SPEC_HELP,
+    SWEEP_HELP,
+    add_mesh_options,
+    load_on_mesh,
+    non_negative_int,
+    positive_int,
+    verb,
+)
 from expand.report import console, print_table
 
 EVAL_HELP = f"""{LAYER_SPEC_HELP}
@@ -106,15 +114,15 @@ def register(verbs) -> None:
     p.add_argument("--layer-spec", action="append", metavar="SPEC", help="evaluate MODEL run through this layer "
                    "spec; repeat for several plans (one table)")
     p.add_argument("--recipe", metavar="YAML", help="a mergekit passthrough recipe applied to MODEL")
-    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS", help="LLaMA-Pro expansion to NEW_LAYERS")
+    p.add_argument("--llama-pro", type=positive_int, metavar="NEW_LAYERS", help="LLaMA-Pro expansion to NEW_LAYERS")
     p.add_argument("--sweep", metavar="KIND", help="every variant of an ablate sweep, and the base (below)")
     p.add_argument("--include-path", metavar="DIR", help="a directory of local task YAMLs")
-    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt (default: the "
+    p.add_argument("--num-fewshot", type=non_negative_int, metavar="K", help="few-shot examples per prompt (default: the "
                    "task's)")
     p.add_argument("--limit", type=float, metavar="N", help="the first N documents of each task (N < 1: a "
                    "fraction); for quick looks, not for reported scores")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="rows per forward pass")
-    p.add_argument("--max-length", type=int, metavar="L", help="context window (default: the config's "
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="rows per forward pass")
+    p.add_argument("--max-length", type=positive_int, metavar="L", help="context window (default: the config's "
                    "max_position_embeddings)")
     p.add_argument("--bootstrap-iters", type=int, default=100000, metavar="N", help="bootstrap resamples for the "
                    "stderr of metrics without a closed form (perplexities); 0 skips them")

@@ -6,10 +6,22 @@ from pathlib import Path
 
 from rich.text import Text
 
-from expand.cli.options import (LAYER_SPEC_HELP, add_eval_options, add_mesh_options, add_plan_options,
-                                claim_output, depth_plan, eval_tokens, load_on_mesh, verb)
+from expand.cli.options import (
+    LAYER_SPEC_HELP,
+    add_eval_options,
+    add_mesh_options,
+    add_plan_options,
+    claim_output,
+    depth_plan,
+    eval_tokens,
+    load_on_mesh,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    verb,
+)
 from expand.report import console
-
 
 
 def objective(options, has_teacher: bool) -> str:
@@ -69,37 +81,37 @@ def register(verbs) -> None:
     add_eval_options(p, seq_len=256, num_sequences=None)
     p.add_argument("--eval-text", nargs="+", metavar="FILE", help="held-out text (files or a shipped text) to judge "
                    "on; without it the last --held-out of the training windows are held out")
-    p.add_argument("--eval-sequences", type=int, default=8, metavar="B", help="windows of --eval-text to judge on")
+    p.add_argument("--eval-sequences", type=positive_int, default=8, metavar="B", help="windows of --eval-text to judge on")
     p.add_argument("--held-out", type=float, default=d.held_out, metavar="FRACTION",
                    help="fraction of the windows held out for judgement when no --eval-text is given (at least one)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
+    p.add_argument("--eval-every", type=positive_int, default=d.eval_every, metavar="N",
                    help="held-out evaluation interval in steps (also before step 1 and after the last)")
     p.add_argument("--keep", choices=("best", "last"), default=d.keep, help="the weights to write: best (lowest "
                    "held-out KL to the teacher, or LM loss without one, step 0 included) or last")
-    p.add_argument("--steps", type=int, default=d.steps, metavar="N", help="optimizer steps")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate after the warmup")
-    p.add_argument("--warmup", type=int, default=d.warmup, metavar="N", help="steps of linear warmup from 0 to --lr; "
+    p.add_argument("--steps", type=positive_int, default=d.steps, metavar="N", help="optimizer steps")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="AdamW learning rate after the warmup")
+    p.add_argument("--warmup", type=non_negative_int, default=d.warmup, metavar="N", help="steps of linear warmup from 0 to --lr; "
                    "the rate then holds (it never depends on --steps, so --resume can extend a run)")
-    p.add_argument("--decay-steps", type=int, metavar="N", help="cosine decay from --lr after the warmup to --lr/10 at "
+    p.add_argument("--decay-steps", type=non_negative_int, metavar="N", help="cosine decay from --lr after the warmup to --lr/10 at "
                    "step N, then held (default: no decay)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="B", help="windows per step")
+    p.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, metavar="B", help="windows per step")
     p.add_argument("--seed", type=int, default=d.seed, help="the order the training windows are visited in")
     p.add_argument("--train", default=d.train, metavar="all|new|slots:SPEC", help="which slots' weights train: all; "
                    "new (the slots whose layer already ran); or slots:SPEC, a layer spec over the slots")
     p.add_argument("--shared", default=d.shared, choices=("virtual", "decoupled"),
                    help="virtual: duplicated slots share weights (update / k); decoupled: each slot owns a copy")
     p.add_argument("--gates", action="store_true", help="a gate (init 0) on each new slot's residual branches")
-    p.add_argument("--gate-lr", type=float, help="the gates' own learning rate (default: --lr)")
+    p.add_argument("--gate-lr", type=positive_float, help="the gates' own learning rate (default: --lr)")
     p.add_argument("--distill-weight", type=float, default=d.distill_weight,
                    help="weight of KL(teacher || student) (with --teacher)")
     p.add_argument("--lm-weight", type=float, help="weight of the next-token cross-entropy (default: 0 with "
                    "--teacher, pure distillation; 1 without)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every, metavar="N",
                    help="orbax checkpoint interval in steps (also after the last)")
     p.add_argument("--remat", action="store_true", help="recompute each layer's activations in the backward pass: "
                    "less memory, more time")
-    p.add_argument("--loss-chunk", type=int, default=d.loss_chunk, metavar="N", help="positions whose vocabulary-"
+    p.add_argument("--loss-chunk", type=positive_int, default=d.loss_chunk, metavar="N", help="positions whose vocabulary-"
                    "sized logits exist at once (memory grows with N)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT.checkpoints (also past its end, "
                    "with a larger --steps), replacing OUT")

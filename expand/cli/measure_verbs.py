@@ -5,22 +5,33 @@ from __future__ import annotations
 
 from rich.text import Text
 
-from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_eval_options, add_mesh_options, claim_output,
-                                eval_tokens, input_paths, load_on_mesh, verb)
+from expand.cli.options import (
+    LAYER_SPEC_HELP,
+    SWEEP_HELP,
+    add_eval_options,
+    add_mesh_options,
+    claim_output,
+    eval_tokens,
+    load_on_mesh,
+    positive_int,
+    verb,
+)
 from expand.distributed import on_writer
 from expand.report import console, format_value, print_reports, print_table
 
 
 def cmd_check(args) -> int:
     from expand.check import check
-    from expand.io.atomic import refuse_overlap
+    from expand.io.atomic import atomic_file
     from expand.report import plot_layers
 
-    if (args.candidate is None) == (args.layer_spec is None):
+    if args.candidate is not None and args.layer_spec is not None:
         raise ValueError("give a CANDIDATE model or --layer-spec (a virtual candidate on the base), not both")
-    for report_file in (args.json, args.plot):
-        if report_file:
-            refuse_overlap(report_file, input_paths(args, args.base, args.candidate))
+    if args.candidate is None and args.layer_spec is None:
+        raise ValueError("give a CANDIDATE model to compare with BASE, or --layer-spec S for a depth plan run "
+                         "virtually on BASE")
+    inputs = [claim_output(f, args, args.base, args.candidate) for f in (args.json, args.plot) if f]
+    inputs = inputs[0] if inputs else []
     base = load_on_mesh(args.base, args)
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec
@@ -47,9 +58,11 @@ def cmd_check(args) -> int:
                            f"{len(drifting)} of {len(report.layers)} slots drift"))
     def write_reports() -> None:
         if args.json:
-            report.write_json(args.json)
+            with atomic_file(args.json, args.force, inputs=inputs) as tmp:
+                report.write_json(tmp)
         if args.plot:
-            plot_layers([report], args.plot)
+            with atomic_file(args.plot, args.force, inputs=inputs) as tmp:
+                plot_layers([report], tmp)
 
     on_writer(write_reports)
     return 0 if report.preserved else 1
@@ -99,6 +112,7 @@ def register(verbs) -> None:
                    help="the dtype both models run in; the floor is measured against the next wider one")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON here")
     p.add_argument("--plot", metavar="PNG", help="write a plot of drift per layer here")
+    p.add_argument("--force", action="store_true", help="replace --json and --plot files that exist (never an input)")
     add_mesh_options(p)
     p.set_defaults(run=cmd_check)
 
@@ -107,7 +121,7 @@ def register(verbs) -> None:
     p.add_argument("model", help="the model whose layers are swept")
     p.add_argument("--sweep", required=True, metavar="KIND", help="which variants (below)")
     add_eval_options(p)
-    p.add_argument("--batch-size", type=int, metavar="B", help="sequences per forward (default: the largest divisor "
+    p.add_argument("--batch-size", type=positive_int, metavar="B", help="sequences per forward (default: the largest divisor "
                    "of the sequence count up to 4)")
     p.add_argument("--out", metavar="DIR", help="write results.json, results.csv and PNG plots to this directory")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -117,6 +131,6 @@ def register(verbs) -> None:
     p = verb(verbs, "demo", "grow, prune and widen the embedded SmolLM2 and check each variant against it")
     p.add_argument("--out", default="expand-demo", metavar="DIR", help="the report directory")
     p.add_argument("--force", action="store_true", help="replace the report directory if it exists")
-    p.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per sequence")
-    p.add_argument("--num-sequences", type=int, default=4, metavar="B", help="sequences of the default text")
+    p.add_argument("--seq-len", type=positive_int, default=512, metavar="T", help="tokens per sequence")
+    p.add_argument("--num-sequences", type=positive_int, default=4, metavar="B", help="sequences of the default text")
     p.set_defaults(run=cmd_demo)

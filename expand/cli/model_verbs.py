@@ -12,8 +12,18 @@ from rich.table import Table
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_mesh_options, claim_output, depth_plan, load_on_mesh,
-                                parse_dtype, verb)
+from expand.cli.options import (
+    LAYER_SPEC_HELP,
+    add_mesh_options,
+    claim_output,
+    depth_plan,
+    load_on_mesh,
+    non_negative_float,
+    parse_dtype,
+    positive_int,
+    probability,
+    verb,
+)
 from expand.params import param_count
 from expand.report import console, print_table
 
@@ -141,7 +151,7 @@ def convert_to_gguf(args, inputs) -> int:
 def add_show_plan_options(p) -> None:
     p.add_argument("--layer-spec", metavar="SPEC", help="show the model this layer spec would build")
     p.add_argument("--recipe", metavar="YAML", help="show the model this mergekit passthrough recipe would build")
-    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS", help="show the LLaMA-Pro expansion to NEW_LAYERS")
+    p.add_argument("--llama-pro", type=positive_int, metavar="NEW_LAYERS", help="show the LLaMA-Pro expansion to NEW_LAYERS")
     p.add_argument("--identity", metavar="duplicates|SLOTS", help="with a plan: these slots as identity blocks")
 
 
@@ -156,8 +166,8 @@ def register(verbs) -> None:
                    "print XLA's memory analysis per device (no weights read)")
     p.add_argument("--mesh", metavar="AXES", help="with --memory: the mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: "
                    "one device; simulated CPU devices when the machine has fewer)")
-    p.add_argument("--batch", type=int, metavar="B", help="with --memory: sequences per batch (default: 4)")
-    p.add_argument("--seq-len", type=int, metavar="T", help="with --memory: tokens per sequence (default: 512 for "
+    p.add_argument("--batch", type=positive_int, metavar="B", help="with --memory: sequences per batch (default: 4)")
+    p.add_argument("--seq-len", type=positive_int, metavar="T", help="with --memory: tokens per sequence (default: 512 for "
                    "check, 256 for heal, as those verbs)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp64"), help="with --memory check: the check's dtype "
                    "(default: fp32)")
@@ -166,9 +176,9 @@ def register(verbs) -> None:
     p = verb(verbs, "generate", "answer a prompt (chat template applied), streaming tokens", LAYER_SPEC_HELP)
     p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="stop after N new tokens (or at EOS)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="stop after N new tokens (or at EOS)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy; above 0 samples")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--layer-spec", metavar="SPEC", help="run a depth plan virtually (shared weights), e.g. -8: or "
                    "0:10,10:20:2,20:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import re
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", metavar="YAML", help="a mergekit passthrough recipe; its models are read from the "
                    "recipe (MODEL names the one whose config and tokenizer lead; a single-model recipe applies to "
                    "MODEL)")
-    p.add_argument("--llama-pro", type=int, metavar="NEW_LAYERS",
+    p.add_argument("--llama-pro", type=positive_int, metavar="NEW_LAYERS",
                    help="LLaMA-Pro block expansion to NEW_LAYERS layers: an identity copy after every group")
     p.add_argument("--identity", metavar="duplicates|SLOTS",
                    help="make these slots identity blocks (o_proj and down_proj scaled to 0): 'duplicates' (every "
@@ -80,7 +81,7 @@ def add_mesh_options(p: argparse.ArgumentParser) -> None:
                    "(default: one device)")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="several processes: process 0's address "
                    "(jax.distributed; every process runs the same command with its own --process-id)")
-    p.add_argument("--num-processes", type=int, metavar="N", help="several processes: how many")
+    p.add_argument("--num-processes", type=positive_int, metavar="N", help="several processes: how many")
     p.add_argument("--process-id", type=int, metavar="I", help="several processes: this one's index, 0..N-1")
     p.set_defaults(devices=run_devices)
 
@@ -117,8 +118,8 @@ def add_eval_options(p: argparse.ArgumentParser, seq_len: int = 512, num_sequenc
     p.add_argument("--text", nargs="+", metavar="FILE", help="text files, or a text shipped with expand: "
                    "expand-docs (the default, about 11k tokens) or python-reference (about 110k tokens)")
     p.add_argument("--random-tokens", action="store_true", help="use uniformly random tokens instead of text")
-    p.add_argument("--seq-len", type=int, default=seq_len, metavar="T", help="tokens per sequence")
-    p.add_argument("--num-sequences", type=int, default=num_sequences, metavar="B",
+    p.add_argument("--seq-len", type=positive_int, default=seq_len, metavar="T", help="tokens per sequence")
+    p.add_argument("--num-sequences", type=positive_int, default=num_sequences, metavar="B",
                    help="sequences (consecutive windows of the text)" +
                         (" (default: every full window)" if num_sequences is None else ""))
 
@@ -162,6 +163,37 @@ def claim_output(out, args, *models, overwrite: bool | None = None) -> list[Path
     reads = input_paths(args, *models)
     on_writer(lambda: atomic.claim_output(out, args.force if overwrite is None else overwrite, reads))
     return reads
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a count or a size)."""
+    return _bounded(text, int, lambda v: v >= 1, "a whole number of at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    return _bounded(text, int, lambda v: v >= 0, "a whole number of at least 0")
+
+
+def positive_float(text: str) -> float:
+    return _bounded(text, float, lambda v: v > 0 and math.isfinite(v), "a finite number above 0")
+
+
+def non_negative_float(text: str) -> float:
+    return _bounded(text, float, lambda v: v >= 0 and math.isfinite(v), "a finite number of at least 0")
+
+
+def probability(text: str) -> float:
+    return _bounded(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def _bounded(text: str, kind, ok, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
 
 
 def parse_dtype(name: str):

@@ -9,8 +9,17 @@ from rich.table import Table
 from rich.text import Text
 
 from expand import io
-from expand.cli.options import (LAYER_SPEC_HELP, add_output_options, add_plan_options, claim_output, depth_plan,
-                                parse_dtype, verb)
+from expand.cli.options import (
+    LAYER_SPEC_HELP,
+    add_output_options,
+    add_plan_options,
+    claim_output,
+    depth_plan,
+    non_negative_float,
+    parse_dtype,
+    positive_int,
+    verb,
+)
 from expand.config import Config
 from expand.params import param_count
 from expand.report import console, format_config_float
@@ -185,10 +194,10 @@ def add_width_options(p) -> None:
                    "(hidden, heads, kv heads, MLP; head_dim, vocabulary and depth must agree)")
     p.add_argument("--width-only", action="store_true", help="with --like: take only its widths when its depth "
                    "differs from the result's")
-    p.add_argument("--hidden-size", type=int, metavar="D", help="new hidden size (wins over --like)")
-    p.add_argument("--num-heads", type=int, metavar="N", help="new number of query heads (head_dim is kept)")
-    p.add_argument("--num-kv-heads", type=int, metavar="M", help="new number of kv heads")
-    p.add_argument("--intermediate-size", type=int, metavar="F", help="new MLP width")
+    p.add_argument("--hidden-size", type=positive_int, metavar="D", help="new hidden size (wins over --like)")
+    p.add_argument("--num-heads", type=positive_int, metavar="N", help="new number of query heads (head_dim is kept)")
+    p.add_argument("--num-kv-heads", type=positive_int, metavar="M", help="new number of kv heads")
+    p.add_argument("--intermediate-size", type=positive_int, metavar="F", help="new MLP width")
     p.add_argument("--donor", metavar="MODEL", help="a wider model of the same family whose weights fill the new "
                    "blocks (cropped to the target sizes)")
     p.add_argument("--donor-layers", metavar="proportional", help="donor layer for base layer l: the same l "
@@ -199,7 +208,7 @@ def add_width_options(p) -> None:
                    "inputs (block-triangular instead of block-diagonal)")
     p.add_argument("--fill", default="random", choices=("random", "zeros"), help="new values without a donor: "
                    "normal with each base tensor's std, or zeros")
-    p.add_argument("--noise", type=float, default=0.0, help="duplicate mode: relative std of zero-sum noise over "
+    p.add_argument("--noise", type=non_negative_float, default=0.0, help="duplicate mode: relative std of zero-sum noise over "
                    "the input copies (keeps the function exact)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fill and noise")
 

@@ -84,14 +84,28 @@ def _chain(path: str | Path) -> list[tuple[int, int] | None]:
     return chain
 
 
-def refuse_overlap(output: str | Path, inputs: Iterable[str | Path | None]) -> None:
-    """Inputs are never modified: refuse an output that is, lies inside or contains any input (an input that
-    does not exist is left to whatever reads it). Raises ValueError naming both paths."""
-    out_chain = _chain(output)
+def _with_linked_files(inputs: Iterable[str | Path | None]) -> Iterator[tuple[str | Path, str]]:
+    """(input, path) for each input itself and, for an input folder, each file or folder its symlinks point
+    at (a Hugging Face cache snapshot is a folder of links into blobs/: writing over those changes the input)."""
     for item in inputs:
         if item is None:
             continue
-        in_chain = _chain(item)
+        yield item, str(item)
+        if os.path.isdir(item):
+            for folder, folders, files in os.walk(item):
+                for name in folders + files:
+                    entry = os.path.join(folder, name)
+                    if os.path.islink(entry):
+                        yield item, os.path.realpath(entry)
+
+
+def refuse_overlap(output: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Inputs are never modified: refuse an output that is, lies inside or contains any input, or any file an
+    input folder links to (an input that does not exist is left to whatever reads it). Raises ValueError
+    naming both paths."""
+    out_chain = _chain(output)
+    for item, path in _with_linked_files(inputs):
+        in_chain = _chain(path)
         if in_chain[0] is None:
             continue
         if in_chain[0] == out_chain[0]:
@@ -102,9 +116,10 @@ def refuse_overlap(output: str | Path, inputs: Iterable[str | Path | None]) -> N
             relation = "contains"
         else:
             continue
-        raise ValueError(f"output {output} {relation} the input {item}, so writing it would overwrite the input; "
-                         "choose an output path that neither is, lies inside nor contains anything the command "
-                         "reads")
+        through = "" if path == str(item) else f" (through its link to {path})"
+        raise ValueError(f"output {output} {relation} the input {item}{through}, so writing it would overwrite the "
+                         "input; choose an output path that neither is, lies inside nor contains anything the "
+                         "command reads")
 
 
 def refuse_existing(path: str | Path, overwrite: bool) -> None:

@@ -29,6 +29,8 @@ model or empty, an integer dtype), and what expand does not implement (`models`,
 
 from __future__ import annotations
 
+import math
+
 import difflib
 from pathlib import Path
 from typing import Any, Mapping
@@ -89,9 +91,12 @@ def _number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{where}: a scale must be a number, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ValueError(f"{where}: a scale must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: a scale must be finite, got {value!r} (it would write NaN or inf weights)")
+    return number
 
 
 def evaluate_setting(tensor_name: str, setting: Setting, t: float, where: str) -> float | None:
