@@ -29,7 +29,7 @@ def main(path: str, mesh_text: str) -> None:
     prompts = [list(map(int, row[:8])) for row in tokens[:2]]
     # Adam's update g / (|g| + eps) turns rounding-level differences of near-zero gradients into differences
     # of up to lr per step, so the parameter comparison uses a small learning rate
-    options = HealOptions(steps=3, lr=1e-5, warmup=0, batch_size=4, eval_every=2, keep="last")
+    options = HealOptions(steps=3, lr=1e-5, warmup=0, batch_size=4, eval_every=2, keep="last", held_out=0.25)
 
     def runs(model):
         return {"logits": np.asarray(expand.forward(model.params, tokens, model.config)),

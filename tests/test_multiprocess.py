@@ -71,15 +71,15 @@ def test_heal_on_two_processes_equals_one_device(checkpoint, tmp_path):
     # Adam's update g / (|g| + eps) turns rounding-level differences of near-zero gradients into differences
     # of up to lr per step, so the weights are compared after steps of a small learning rate
     args = ["--layer-spec", "0:3,1:", "--teacher", str(checkpoint), "--steps", "3", "--lr", "1e-5", "--warmup", "0",
-            "--batch-size", "2", "--checkpoint-every", "2", *TOKENS]
+            "--batch-size", "2", "--held-out", "0.5", "--checkpoint-every", "2", *TOKENS]
     runs = run_expand("heal", str(checkpoint), str(tmp_path / "two"), *args, "--mesh", "data=2,fsdp=2")
     alone = run_expand_alone("heal", str(checkpoint), str(tmp_path / "one"), *args)
     assert_ran(runs, alone, 0)
     assert sorted(p.name for p in (tmp_path / "two.checkpoints").iterdir()) == ["2", "3"]  # orbax, every process
     two, one = (json.loads((tmp_path / n / "history.json").read_text()) for n in ("two", "one"))
-    assert len(two) == len(one) == 3
-    for a, b in zip(two, one):
-        for key in ("loss", "lm", "kl"):
+    assert len(two["train"]) == len(one["train"]) == 3 and two["kept_step"] == one["kept_step"]
+    for a, b in zip(two["train"] + two["held_out"], one["train"] + one["held_out"]):
+        for key in ("lm", "kl"):
             assert_close(a[key], b[key], f"step {b['step']} {key}")
     w2, w1 = (load_file(tmp_path / n / "model.safetensors") for n in ("two", "one"))
     assert sorted(w2) == sorted(w1) and len(w1) == 6 * 9 + 3  # 6 slots materialized

@@ -19,10 +19,11 @@ def check_rows(tokens, vocab_size: int, what: str) -> np.ndarray:
     return tokens.astype(np.int32)
 
 
-def split_held_out(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, held-out rows): the last max(1, round(fraction x rows)) windows are held out, so that
+def split_held_out(tokens: np.ndarray, fraction: float, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows): the last max(1, round(fraction x rows)) windows, rounded up to a
+    multiple of `multiple` (the data groups the held-out batch is split over), are held out, so that
     consecutive windows of a text are not split between the two sets more than once."""
-    held = max(1, round(fraction * len(tokens)))
+    held = -(-max(1, round(fraction * len(tokens))) // multiple) * multiple
     if len(tokens) - held < 1:
         raise ValueError(f"{len(tokens)} token windows are too few to hold {held} out and train on the rest: give "
                          "more text, shorter windows (--seq-len) or separate evaluation text (--eval-text)")

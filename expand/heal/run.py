@@ -19,6 +19,7 @@ from expand.heal.options import HealDiverged, HealOptions, resume_mismatch
 from expand.heal.result import HealResult
 from expand.heal.student import first_nonfinite, make_student
 from expand.params import Params
+from expand.sharding import data_parallel
 from expand.surgery.plan import LayerPlan
 
 
@@ -142,7 +143,7 @@ def heal(model: Model, tokens: np.ndarray, plan: LayerPlan | None = None, teache
         raise ValueError(f"the teacher's vocab ({teacher.config.vocab_size}) differs from the student's ({vocab})")
     tokens = check_rows(tokens, vocab, "training")
     if eval_tokens is None:
-        train, held_out = split_held_out(tokens, options.held_out)
+        train, held_out = split_held_out(tokens, options.held_out, data_parallel(jax.sharding.get_abstract_mesh()))
     else:
         train, held_out = tokens, check_rows(eval_tokens, vocab, "evaluation")
     if resume and checkpoint_dir is None:

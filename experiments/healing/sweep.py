@@ -53,8 +53,8 @@ def main() -> None:
     results = load_results(path)
     results["setup"] = {"model": "SmolLM2-135M-Instruct, layer 12 deleted (0:12,13:)", "steps": STEPS,
                         "batch": [2, 128], "train_rows": list(train.shape), "held_out": list(held_out.shape),
-                        "texts": {"expand-docs": text_sha256(default_text()), TEXT: text_sha256(shipped_text(TEXT))},
                         "device": "CPU, 2 cores (no GPU lent)"}
+    results["texts"] = {"expand-docs": text_sha256(default_text()), TEXT: text_sha256(shipped_text(TEXT))}
     recorded = {(r["name"], r["seed"]): r for r in results.get("runs", [])}
     runs: list[dict] = []
     start = time.perf_counter()
