@@ -207,8 +207,10 @@ def main() -> None:
     # expand's side if no variant ran a single layer: every variant (and the base row) still pays the fixed cost
     floor_s = costs["import_and_load_s"] + costs["eval_set_s"] + (variants + 1) * costs["fixed_cost_per_variant_s"]
     ratio = costs["fixed_cost_over_matmul"]
+    from expand.text import shipped_text, text_sha256
+
     results = {"device": device, "load_average_before": load_before, "load_average_after": load_after,
-               "sweep": "delete-one", "variants": variants, "tokens": [args.num_sequences, args.seq_len],
+               "texts": {"python-reference": text_sha256(shipped_text("python-reference"))}, "sweep": "delete-one", "variants": variants, "tokens": [args.num_sequences, args.seq_len],
                "expand": expand_run | {"compilations": a["compilations"]},
                "mergekit_then_transformers": mergekit_run | {k: round(b[k], 2) for k in ("mergekit_s", "load_and_eval_s")},
                "speedup": round(speedup, 1), "max_metric_difference": agreement,
