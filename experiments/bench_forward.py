@@ -41,14 +41,15 @@ PROMPT_LEN, NEW_TOKENS = 10, 128
 ROWS = [f"prefill-{b}x{t}" for b, t in PREFILL] + [f"decode-{b}" for b in DECODE]
 
 
-def torch_model(model):
-    """The same weights in transformers' LlamaForCausalLM (fp32), loaded from expand's saved checkpoint."""
+def torch_model(model, dtype=None):
+    """The same weights in transformers' LlamaForCausalLM (in `dtype`, default torch.float32), loaded from
+    expand's saved checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
         expand.save(Path(tmp) / "m", *model)
-        return AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype or torch.float32).eval()
 
 
 def seconds(fn) -> float:
