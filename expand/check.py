@@ -36,7 +36,7 @@ import numpy as np
 from expand.container import Model
 from expand.distributed import to_host
 from expand.model import forward
-from expand.numerics import accumulation_dtype
+from expand.numerics import accumulation_dtype, kl_from_log_probs, log_partition, picked
 from expand.params import nonfinite_tensors
 from expand.provenance import Provenance
 from expand.surgery.plan import LayerPlan, plan_from_layer_spec
@@ -165,7 +165,7 @@ class Reference(NamedTuple):
 @jax.jit
 def reference_of(base_logits) -> Reference:
     z = base_logits.astype(accumulation_dtype(base_logits.dtype))
-    return Reference(base_logits, jax.nn.logsumexp(z, axis=-1), jnp.argmax(z, -1).astype(jnp.int32),
+    return Reference(base_logits, log_partition(z), jnp.argmax(z, -1).astype(jnp.int32),
                      jnp.isfinite(z).all(-1))
 
 
@@ -186,20 +186,16 @@ def compare_with(reference: Reference, logits, tokens) -> dict[str, jax.Array]:
     finite (B, T): every logit of both is finite at this position. Where it is False the other numbers mean
         nothing (XLA's max skips NaN, so max_abs_delta can look small): callers must look at it first.
 
-    (Written for XLA:CPU's fast reductions: no argmax over V per call, and the KL terms under a `where`,
-    which keeps the product-and-sum from being fused into a much slower kernel.)"""
+    (Written for XLA:CPU's fast reductions: no argmax over V per call; the log-partition and KL terms of
+    `expand.numerics`.)"""
     acc = accumulation_dtype(logits.dtype)
     z, base = logits.astype(acc), reference.logits.astype(acc)
-    top = z.max(-1)
-    lse = top + jnp.log(jnp.exp(z - top[..., None]).sum(-1))
-    log_p = base - reference.lse[..., None].astype(acc)
-    log_q = z - lse[..., None]
-    kl = jnp.maximum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * (log_p - log_q), 0.0).sum(-1), 0.0)
+    log_q = z - log_partition(z)[..., None]
+    kl = jnp.maximum(kl_from_log_probs(base - reference.lse[..., None].astype(acc), log_q), 0.0)
     length = tokens.shape[1] - 1
-    picked = jnp.take_along_axis(z[:, :length], jnp.asarray(tokens, jnp.int32)[:, 1:, None], axis=-1)[..., 0]
-    at_base_top = jnp.take_along_axis(z, reference.top1[..., None], axis=-1)[..., 0]
-    return {"kl": kl, "agree": at_base_top == top, "max_abs_delta": jnp.abs(z - base).max(-1),
-            "nll": lse[:, :length] - picked, "finite": reference.finite & jnp.isfinite(z).all(-1)}
+    return {"kl": kl, "agree": picked(z, reference.top1) == z.max(-1), "max_abs_delta": jnp.abs(z - base).max(-1),
+            "nll": -picked(log_q[:, :length], jnp.asarray(tokens)[:, 1:]),
+            "finite": reference.finite & jnp.isfinite(z).all(-1)}
 
 
 def compare_logits(base_logits, logits, tokens) -> dict[str, jax.Array]:

@@ -29,11 +29,17 @@ import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs,
-                                  postprocess_generated_text)
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 
 from expand.container import Model
 from expand.model import TRACE_COUNTS, forward
+from expand.numerics import log_probs, picked
 from expand.params import param_count
 from expand.progress import progress_bar
 
@@ -43,14 +49,14 @@ MIN_BUCKET = 16
 @partial(jax.jit, static_argnames=("config",))
 def score_rows(params, inputs, targets, last, config, layer_ids, slot_scales):
     """inputs, targets (B, T) int32, last (B,) int32 (the last real position of each row) ->
-    target log-probs (B, T) float32, whether each target is the argmax (B, T) bool, and the log-softmax
-    at each row's last position (B, V) float32. Logits are f(inputs) under `layer_ids` / `slot_scales`."""
+    target log-probs (B, T), whether each target is the argmax (B, T) bool, and the log-softmax at each
+    row's last position (B, V), in at least float32 (`expand.numerics.log_probs`). Logits are f(inputs)
+    under `layer_ids` / `slot_scales`."""
     TRACE_COUNTS["score_rows"] += 1
     logits = forward(params, inputs, config, layer_ids=layer_ids, slot_scales=slot_scales)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    logp = log_probs(logits)
     greedy = jnp.argmax(logp, axis=-1) == targets
-    return picked, greedy, jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0]
+    return picked(logp, targets), greedy, jnp.take_along_axis(logp, last[:, None, None], axis=1)[:, 0]
 
 
 def bucket_length(length: int, max_length: int) -> int:

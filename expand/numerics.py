@@ -28,14 +28,27 @@ def scale_rounded(array: jax.Array, factor) -> jax.Array:
     return (array.astype(acc) * jnp.asarray(factor, acc)).astype(array.dtype)
 
 
+def log_partition(z: jax.Array) -> jax.Array:
+    """log sum_v exp(z_v) over the last axis, (..., V) -> (...), as max z + log sum exp(z - max z) (the form
+    XLA:CPU reduces in one fast pass)."""
+    top = z.max(-1)
+    return top + jnp.log(jnp.exp(z - top[..., None]).sum(-1))
+
+
 def log_probs(logits: jax.Array) -> jax.Array:
-    """log softmax over the last axis, in at least float32."""
-    return jax.nn.log_softmax(logits.astype(accumulation_dtype(logits.dtype)), axis=-1)
+    """log softmax over the last axis, in at least float32: z - log_partition(z)."""
+    z = logits.astype(accumulation_dtype(logits.dtype))
+    return z - log_partition(z)[..., None]
+
+
+def picked(values: jax.Array, targets: jax.Array) -> jax.Array:
+    """values (..., V) at the target index of each position, targets (...) int -> (...)."""
+    return jnp.take_along_axis(values, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0]
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """-log softmax(logits)[target] per position: logits (..., V), targets (...) int -> (...)."""
-    return -jnp.take_along_axis(log_probs(logits), jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0]
+    return -picked(log_probs(logits), targets)
 
 
 def next_token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -45,11 +58,17 @@ def next_token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return token_nll(logits[:, :length], tokens[:, 1:])
 
 
+def kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) from log-probabilities (..., V) x 2 -> (...); a token p
+    gives probability 0 adds 0 (the product under a `where`, which also keeps XLA:CPU from fusing the
+    product and the sum into a much slower kernel)."""
+    return jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * (log_p - log_q), 0.0).sum(-1)
+
+
 def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
-    """KL(p || q) = sum_v p_v (log p_v - log q_v) per position, (..., V) x 2 -> (...). Not clipped: a
-    value slightly below 0 is rounding, and a loss needs its gradient there (reports clip it)."""
-    log_p, log_q = log_probs(p_logits), log_probs(q_logits)
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    """KL(p || q) per position from logits, (..., V) x 2 -> (...). Not clipped: a value slightly below 0 is
+    rounding, and a loss needs its gradient there (reports clip it)."""
+    return kl_from_log_probs(log_probs(p_logits), log_probs(q_logits))
 
 
 def chunked_token_terms(hidden: jax.Array, targets: jax.Array, logits_fn: Callable[[jax.Array], jax.Array],

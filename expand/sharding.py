@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from expand.config import Config
-from expand.params import TensorSpec, axis_sizes, tensor_specs
+from expand.params import TensorSpec, axis_sizes
 
 MESH_AXES = ("data", "fsdp", "tp")
 RULES: dict[str, str | None] = {"batch": "data", "embed": "fsdp", "q_heads": "tp", "kv_heads": "tp", "mlp": "tp",
@@ -93,13 +93,6 @@ def placement(config: Config, mesh: Mesh, rules=RULES):
     """The `expand.io.load` placement for this mesh: spec, shape -> NamedSharding."""
     check_divisible(config, mesh, rules)
     return lambda spec, shape: NamedSharding(mesh, partition_spec(spec, mesh, rules))
-
-
-def shard_params(config: Config, params: dict, mesh: Mesh, rules=RULES) -> dict:
-    """Place in-memory params (e.g. the result of surgery) on the mesh."""
-    place = placement(config, mesh, rules)
-    return {spec.name: jax.device_put(params[spec.name], place(spec, None)) for spec in tensor_specs(config)
-            if spec.name in params}
 
 
 def current_mesh() -> Mesh | None:

@@ -3,23 +3,13 @@ given a layer spec or recipe, the model that plan would build, all from the conf
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 
 from expand.config import Config
 from expand.io import checkpoint_storage, read_config, resolve, stored_weight_dtype
 from expand.params import param_count
 from expand.report import format_config_float
 from expand.surgery.plan import LayerPlan
-
-
-def output_dtype(plan: LayerPlan, source: Path) -> np.dtype:
-    """The dtype `expand depth` writes for this plan: the recipe's out_dtype or dtype, else the source's."""
-    import jax.numpy as jnp
-
-    chosen = plan.out_dtype or plan.dtype
-    return np.dtype(jnp.dtype(chosen)) if chosen else stored_weight_dtype(source)
 
 
 def human_count(n: int) -> str:
@@ -72,7 +62,7 @@ def describe(model, plan: LayerPlan | None = None) -> dict:
     info = {"model": str(model), "config": config.to_hf(), "parameters": count, "size_on_disk_bytes": size}
     if plan is not None:
         new_count = param_count(config, plan.layer_ids)
-        dtype = output_dtype(plan, path)
+        dtype = plan.output_dtype(stored_weight_dtype(path))
         new_bytes = new_count * dtype.itemsize
         identity = plan.identity_slots
         rows += [

@@ -17,6 +17,8 @@ from expand.container import Model
 from expand.model import forward
 from expand.params import init_params
 
+pytestmark = pytest.mark.slow
+
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=32,
             intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
             rope_theta=10000.0, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,

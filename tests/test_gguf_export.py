@@ -101,6 +101,7 @@ def test_export_of_a_depth_output(tiny_lm, tmp_path):
     assert np.abs(torch_logits(transformers_gguf(out), tokens) - reference).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_smollm2_fp32_and_q8_0(smollm2, license_tokens, tmp_path):
     """SmolLM2 (embedded Q4_1, dequantized) to fp32 GGUF: every weight as it was, and transformers' loads of
     the original file and of the export are the same model; q8_0: top-1 agreement with the source."""

@@ -84,6 +84,7 @@ def assert_same_evaluation(ours: dict, reference: dict, tokenizer) -> dict:
     return measured
 
 
+@pytest.mark.slow
 def test_tiny_model_matches_hf_backend(tiny_lm):
     model = expand.load(tiny_lm)
     ours = evaluate(model, {"base": None}, TASKS, include_path=DATA, log_samples=True, bootstrap_iters=0)["base"]
@@ -91,6 +92,7 @@ def test_tiny_model_matches_hf_backend(tiny_lm):
     print(f"tiny model vs lm-eval's HF backend: {measured}")
 
 
+@pytest.mark.slow
 def test_virtual_plan_matches_hf_backend_on_materialized_model(tiny_lm, tmp_path):
     model = expand.load(tiny_lm)
     plan = expand.plan_from_layer_spec("0:3,1:4", 4)
@@ -100,6 +102,7 @@ def test_virtual_plan_matches_hf_backend_on_materialized_model(tiny_lm, tmp_path
     assert_same_evaluation(ours, hf_results(tmp_path / "grown"), expand.load_tokenizer(tiny_lm))
 
 
+@pytest.mark.slow
 def test_smollm2_depth_plan_matches_hf_backend(smollm2, tmp_path):
     """SmolLM2 grown 30 -> 40 layers (0:20,10:30), run virtually, against the HF backend on the written model;
     8 questions (32 requests) and the 8 documents."""
@@ -218,6 +221,7 @@ def test_cli_bad_input_is_a_clear_error(tiny_lm, args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_on_a_mesh_equals_one_device(tiny_lm, tmp_path):
     """--mesh fsdp=2,tp=2 on 4 simulated CPU devices: the same scores as one device."""
     args = ["eval", str(tiny_lm), "--layer-spec", "0:2,1:4", "--tasks", "expand_mc,expand_text", "--include-path",

@@ -296,6 +296,7 @@ def test_cli_heals_a_grown_model_into_a_plain_checkpoint(tmp_path, tiny_checkpoi
     assert "no run to continue" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_killed_mid_run_leaves_no_output_and_resumes_to_the_same_result(tmp_path, tiny_checkpoint):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     common = ["--steps", "300", "--checkpoint-every", "10", "--eval-every", "50"]

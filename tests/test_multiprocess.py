@@ -13,6 +13,8 @@ import pytest
 from tests.helpers import make_hf_checkpoint
 from tests.processes import run_expand, run_expand_alone
 
+pytestmark = pytest.mark.slow
+
 TOKENS = ["--random-tokens", "--seq-len", "32", "--num-sequences", "4"]
 RTOL = 1e-5
 

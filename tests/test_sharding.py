@@ -32,6 +32,7 @@ def run_sharded(*args: str) -> subprocess.CompletedProcess:
     ("fsdp=2,tp=4", [None, "fsdp", "tp", None], (4, 32, 2, 8)),
     ("data=2,fsdp=4", [None, "fsdp", None, None], (4, 16, 8, 8)),
 ])
+@pytest.mark.slow
 def test_sharded_runs_equal_one_device(checkpoint, mesh, q_spec, q_shard):
     done = run_sharded("-m", "tests.sharded_run", str(checkpoint), mesh)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -93,6 +94,7 @@ def test_mesh_text_errors():
         make_mesh(parse_mesh("fsdp=8"), devices=["cpu0"])
 
 
+@pytest.mark.slow
 def test_cli_check_on_a_mesh_equals_one_device(checkpoint, tmp_path):
     common = ["check", str(checkpoint), "--layer-spec", "0:3,1:", "--random-tokens", "--seq-len", "32",
               "--num-sequences", "2"]

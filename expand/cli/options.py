@@ -202,13 +202,6 @@ def parse_dtype(name: str):
     return DTYPES[name]
 
 
-def parse_int_list(text: str, option: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{option} takes 'duplicates' or comma-separated slot numbers, got {text!r}") from None
-
-
 def depth_plan(config, args, required: bool = True):
     """The LayerPlan the options ask for (--layer-spec, --recipe or --llama-pro, then --identity), or None
     when none is given and `required` is False."""

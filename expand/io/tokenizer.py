@@ -17,7 +17,6 @@ from typing import Any
 from expand.io.safetensors import CheckpointError
 
 # The metadata keys whose full arrays the tokenizer needs (every other field is a scalar or a string).
-_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                    "pad_token": "padding_token_id"}
 

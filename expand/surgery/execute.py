@@ -61,12 +61,6 @@ def execute(plan: TensorPlan, params: Mapping[str, Params]) -> Params:
             for name, arrays in pieces.items()}
 
 
-def output_dtype(plan: TensorPlan, lead: Checkpoint) -> np.dtype:
-    """What a plan writes by default: a recipe's out_dtype or dtype, else the leading checkpoint's dtype."""
-    chosen = plan.depth and (plan.depth.out_dtype or plan.depth.dtype)
-    return np.dtype(jnp.dtype(chosen)) if chosen else source_dtype(lead.source)
-
-
 def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out: str | Path, *,
                     lead: str = BASE, dtype=None, max_shard_size: str | int = "2GB", overwrite: bool = False,
                     extra: Callable[[Path], None] | None = None) -> Path:
@@ -75,7 +69,7 @@ def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out
 
     checkpoints: every input model the plan reads, opened (`expand.io.open_checkpoint`), by key.
     lead: the checkpoint whose tokenizer and provenance the output carries (a multi-model recipe's MODEL).
-    dtype: output dtype (default: `output_dtype`).
+    dtype: output dtype (default: the recipe's out_dtype or dtype, else the leading checkpoint's).
     extra(directory): run on the complete output before it is published (e.g. a check recorded in it)."""
     missing = sorted(set(plan.inputs) - set(checkpoints))
     if missing:
@@ -88,7 +82,8 @@ def execute_to_disk(plan: TensorPlan, checkpoints: Mapping[str, Checkpoint], out
     inputs = [checkpoint.path for checkpoint in checkpoints.values()] + [input_path(tokenizer_from)]
     refuse_overlap(out, inputs)
     grow = compiled_grower(plan.width) if plan.width is not None else None
-    out_dtype = np.dtype(dtype) if dtype is not None else output_dtype(plan, checkpoints[lead])
+    stored = source_dtype(leading.source)
+    out_dtype = np.dtype(dtype) if dtype is not None else plan.depth.output_dtype(stored) if plan.depth else stored
     by_name = {o.hf_name: o for o in plan.outputs}
     entries = [TensorEntry(o.hf_name, o.spec.hf_shape(plan.config), out_dtype) for o in plan.outputs]
 

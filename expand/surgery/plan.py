@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 
+import jax.numpy as jnp
 import numpy as np
 
 from expand.params import BRANCH_OUTPUTS
@@ -60,6 +61,11 @@ class LayerPlan:
         bad = [s.layer for s in self.slots if not 0 <= s.layer < self.num_source_layers]
         if bad:
             raise ValueError(f"plan names layers {bad} but the source has {self.num_source_layers} layers")
+
+    def output_dtype(self, stored: np.dtype) -> np.dtype:
+        """The dtype a written plan has: the recipe's out_dtype or dtype, else `stored` (the source's)."""
+        chosen = self.out_dtype or self.dtype
+        return np.dtype(jnp.dtype(chosen)) if chosen else np.dtype(stored)
 
     @property
     def num_layers(self) -> int:

@@ -55,11 +55,6 @@ class Rule:
     cast_out: str | None = None
     grow: Grow | None = None
 
-    @property
-    def is_copy(self) -> bool:
-        """The output is the source tensor as stored (no cast, scale or growth)."""
-        return self.scale == 1.0 and self.cast_in is None and self.cast_out is None and self.grow is None
-
 
 @dataclasses.dataclass(frozen=True)
 class OutputTensor:
