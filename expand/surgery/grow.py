@@ -36,6 +36,14 @@ def depth_model(model: Model, plan: LayerPlan, models: Mapping[str, Model] | Non
     return Model(config, params, model.source, plan.lineage_after(model.lineage()))
 
 
+def _widening(config: Config, params: Params, donor: tuple[Config, Params] | None, sizes_and_options: dict):
+    """(the TensorPlan of a widening, the widened params)."""
+    donor_config = None if donor is None else donor[0]
+    tensors = width_tensors(copy_tensors(config), width_plan(config, donor=donor_config, **sizes_and_options),
+                            donor_config)
+    return tensors, execute(tensors, {BASE: params, **({DONOR: donor[1]} if donor is not None else {})})
+
+
 def widen(config: Config, params: Params, *, donor: tuple[Config, Params] | None = None,
           **sizes_and_options) -> tuple[Config, Params]:
     """Widen a model (expand.surgery.width has the math of each mode). Returns (config, params).
@@ -45,17 +53,15 @@ def widen(config: Config, params: Params, *, donor: tuple[Config, Params] | None
         values, cropped to the target sizes (donor layer donor_layers[l] for base layer l).
     options: mode ('exact', 'frankenllama', 'zero-norm', 'duplicate'), fill ('random' or 'zeros', without a
         donor), donor_layers (None, 'proportional' or a list), triangular, noise (duplicate), seed."""
-    plan = width_plan(config, donor=None if donor is None else donor[0], **sizes_and_options)
-    tensors = width_tensors(copy_tensors(config), plan, None if donor is None else donor[0])
-    return tensors.config, execute(tensors, {BASE: params, **({DONOR: donor[1]} if donor is not None else {})})
+    tensors, params = _widening(config, params, donor, sizes_and_options)
+    return tensors.config, params
 
 
 def widen_model(model: Model, donor: Model | None = None, **sizes_and_options) -> Model:
     """`widen` on a `Model`, recording the plan (sizes, mode, axis maps) in its provenance."""
-    plan = width_plan(model.config, donor=None if donor is None else donor.config, **sizes_and_options)
-    tensors = width_tensors(copy_tensors(model.config), plan, None if donor is None else donor.config)
-    params = execute(tensors, {BASE: model.params, **({DONOR: donor.params} if donor is not None else {})})
-    return Model(plan.config, params, model.source, tensors.lineage(model.lineage()))
+    tensors, params = _widening(model.config, model.params, None if donor is None else (donor.config, donor.params),
+                                sizes_and_options)
+    return Model(tensors.config, params, model.source, tensors.lineage(model.lineage()))
 
 
 def grow_to_disk(model, out, *, plan: LayerPlan | None = None, models: Mapping[str, str | Path] | None = None,
