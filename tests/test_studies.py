@@ -25,7 +25,6 @@ TEXT_FREE = {  # benchmarks whose inputs are no text
     "results/eval_window_sweep.json": "lm-eval tasks (tests/data/lm_eval), scored by lm-eval, not a text",
 }
 NOT_YET_RERUN = {  # measured on a text before the texts were frozen; each records its text when rerun
-    "healing/results.json": "the healing study (python-reference) records its text when it is rerun",
     **{f"ablation/{name}": "the ablation studies (python-reference) record their text when they are rerun"
        for name in ("summary.json", "importance/results.json", "pruning/greedy/results.json",
                     "pruning/block-influence/results.json", "self-merge/results.json", "duplication/results.json")},
