@@ -196,8 +196,11 @@ def heal(model: Model, tokens: np.ndarray, plan: LayerPlan | None = None, teache
             manager.close()
     kept, kept_step = (state.best, state.best_step) if options.keep == "best" else (state.params, state.step)
     lineage = plan.lineage_after(model.lineage()) if plan is not None else model.lineage()
+    judged = {e["step"]: e for e in state.held_out}
     operation = {"op": "heal", "teacher": None if teacher is None else str(teacher.source),
-                 "tokens": list(train.shape), "held_out_tokens": list(held_out.shape), "kept_step": kept_step,
+                 "tokens": list(train.shape), "tokens_sha256": digest(train),
+                 "held_out_tokens": list(held_out.shape), "held_out_tokens_sha256": digest(held_out),
+                 "held_out_before": judged[0], "held_out_kept": judged[kept_step], "kept_step": kept_step,
                  **options.to_json()}
     return HealResult(student, kept, state.history, state.held_out, kept_step, options.keep,
                       {"train": list(train.shape), "held_out": list(held_out.shape)}, lineage.with_operation(operation))
