@@ -119,12 +119,12 @@ def register(verbs) -> None:
     p.add_argument("--include-path", metavar="DIR", help="a directory of local task YAMLs")
     p.add_argument("--num-fewshot", type=non_negative_int, metavar="K", help="few-shot examples per prompt (default: the "
                    "task's)")
-    p.add_argument("--limit", type=float, metavar="N", help="the first N documents of each task (N < 1: a "
+    p.add_argument("--limit", type=positive_float, metavar="N", help="the first N documents of each task (N < 1: a "
                    "fraction); for quick looks, not for reported scores")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="B", help="rows per forward pass")
     p.add_argument("--max-length", type=positive_int, metavar="L", help="context window (default: the config's "
                    "max_position_embeddings)")
-    p.add_argument("--bootstrap-iters", type=int, default=100000, metavar="N", help="bootstrap resamples for the "
+    p.add_argument("--bootstrap-iters", type=non_negative_int, default=100000, metavar="N", help="bootstrap resamples for the "
                    "stderr of metrics without a closed form (perplexities); 0 skips them")
     p.add_argument("--output", metavar="FILE", help="write lm-eval's results dict as JSON here ({variant: results} "
                    "for several)")
