@@ -7,15 +7,8 @@ from pathlib import Path
 
 from rich.text import Text
 
-from expand.cli.options import (
-    LAYER_SPEC_HELP,
-    SWEEP_HELP,
-    add_mesh_options,
-    load_on_mesh,
-    non_negative_int,
-    positive_int,
-    verb,
-)
+from expand.cli.options import (LAYER_SPEC_HELP, SWEEP_HELP, add_mesh_options, load_on_mesh, non_negative_int,
+                                positive_float, positive_int, verb)
 from expand.report import console, print_table
 
 EVAL_HELP = f"""{LAYER_SPEC_HELP}
