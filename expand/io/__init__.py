@@ -22,17 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from expand.config import Config, read_config_json
+from expand.container import Model
 from expand.distributed import several, to_host, write_on_writer
-from expand.io.atomic import NoSpaceError, atomic_dir, is_disk_full, refuse_existing, refuse_overlap
+from expand.io.atomic import atomic_dir, refuse_existing, refuse_overlap
 from expand.io.card import model_card
 from expand.io.embedded import EMBEDDED, cache_dir, embedded_gguf, embedded_tokenizer_dir
 from expand.io.gguf import GGUFSource
+from expand.io.orbax import ORBAX_PARAMS, Placement, read_orbax, write_orbax
 from expand.io.safetensors import (INDEX_FILE, SINGLE_FILE, CheckpointError, SafetensorsSource, TensorEntry,
                                    numpy_dtype, parse_size, write_sharded)
 from expand.io.tokenizer import gguf_tokenizer
-from expand.container import Model
-from expand.params import (Params, TensorSpec, check_params, flatten, iter_hf_names, nest, spec_by_name,
-                            tensor_specs)
+from expand.params import Params, TensorSpec, check_params, iter_hf_names, spec_by_name, tensor_specs
 from expand.progress import progress_bar
 from expand.provenance import Provenance
 
@@ -42,11 +42,8 @@ __all__ = [
     "validate_source", "write_metadata",
 ]
 
-ORBAX_PARAMS = "params"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
-
-Placement = Callable[[TensorSpec, tuple[int, ...]], jax.sharding.Sharding]
 
 
 def resolve(model: str | Path) -> Path:
@@ -234,7 +231,7 @@ def load(model: str | Path, dtype=jnp.float32, placement: Placement | None = Non
     path = resolve(model)
     if _kind(path) == "orbax":
         config = Config.from_file(path)
-        params = _read_orbax(path, config, dtype, placement or _single_device)
+        params = read_orbax(path, config, dtype, placement or _single_device)
     else:
         checkpoint = open_checkpoint(model)
         config = checkpoint.config
@@ -280,7 +277,7 @@ def save(path: str | Path, config: Config, params: Params, tokenizer_from=None, 
             if format == "hf":
                 _write_safetensors(tmp, entries, produce, parse_size(max_shard_size))
             else:
-                _write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
+                write_orbax(tmp, {name: value.astype(dtype) for name, value in params.items()})
             write_metadata(tmp, config, dtype, tokenizer_from, provenance)
             if extra is not None:
                 extra(tmp)
@@ -379,50 +376,3 @@ def set_chat_template(directory: Path, template: str) -> None:
             config_path.write_text(json.dumps(tokenizer_config, indent=2))
     (directory / "chat_template.json").unlink(missing_ok=True)
     (directory / "chat_template.jinja").write_text(template)
-
-
-# ---- orbax -------------------------------------------------------------------------------------------
-
-
-def _write_orbax(directory: Path, params: Params) -> None:
-    """An orbax checkpoint of `params` in directory/params; a full disk is NoSpaceError with the bytes of the
-    uncompressed arrays (an upper bound: orbax compresses)."""
-    import orbax.checkpoint as ocp
-
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save((directory / ORBAX_PARAMS).absolute(), nest(params))
-            checkpointer.wait_until_finished()
-    except Exception as e:
-        if not is_disk_full(e):
-            raise
-        needed = sum(value.nbytes for value in params.values())
-        raise NoSpaceError(f"{directory} ran out of space; the arrays are {needed:,} bytes uncompressed", needed) from e
-
-
-def _read_orbax(directory: Path, config: Config, dtype, placement: Placement) -> Params:
-    import orbax.checkpoint as ocp
-
-    target = {
-        spec.name: jax.ShapeDtypeStruct(spec.shape(config), dtype, sharding=placement(spec, spec.shape(config)))
-        for spec in tensor_specs(config)
-    }
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore((directory / ORBAX_PARAMS).absolute(), nest(target))
-    except Exception as e:  # orbax and tensorstore raise ValueError, OSError or bare Exception on damaged files
-        raise CheckpointError(
-            f"{directory} is not a readable orbax checkpoint ({_first_line(e)}); re-create it from the "
-            f"checkpoint it was made from (expand convert SRC {directory} --format orbax --force)") from e
-    return flatten(restored)
-
-
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    """The gist of a long library error: the first line of its root cause, before any dump of the
-    tensorstore spec."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    for marker in (" See full TensorStore", " [tensorstore_spec", " [source locations"):
-        text = text.split(marker)[0]
-    return text if len(text) <= limit else text[:limit] + "..."
