@@ -63,11 +63,15 @@ def check_forward(model, layer_ids):
 
 
 def heal_step(model, layer_ids):
-    """expand.heal's jitted step (LM + KL to a teacher, AdamW) for the student `model` run through the
-    plan `layer_ids` (None: as it is)."""
+    """expand.heal's jitted step (the default distillation, KL to a teacher, AdamW, the loss a chunk of
+    positions at a time) for the student `model` run through the plan `layer_ids` (None: as it is)."""
     import jax.numpy as jnp
 
-    from expand.heal import HealOptions, make_optimizer, make_step, make_student
+    from expand.heal import HealOptions
+    from expand.heal.loss import make_step
+    from expand.heal.optimizer import make_optimizer
+    from expand.heal.student import make_student
+    from expand.model import head_weight
     from expand.surgery.plan import LayerPlan, Slot
 
     plan = None if layer_ids is None else LayerPlan(tuple(Slot(int(i)) for i in layer_ids),
@@ -77,8 +81,9 @@ def heal_step(model, layer_ids):
     optimizer = make_optimizer(options, student)
     step = make_step(student, optimizer, options)
     tokens = jnp.zeros((BATCH, LENGTH), jnp.int32)
-    teacher_logits = jnp.zeros((BATCH, LENGTH - 1, model.config.vocab_size), jnp.float32)
-    return lambda: step.lower(student.params, optimizer.init(student.params), tokens, teacher_logits)
+    teacher = (jnp.zeros((BATCH, LENGTH - 1, model.config.hidden_size), jnp.float32),
+               head_weight(model.params, model.config))  # the teacher's hidden states and head (teacher_view)
+    return lambda: step.lower(student.params, optimizer.init(student.params), tokens, teacher)
 
 
 def decode_loop(model, layer_ids):
