@@ -170,15 +170,14 @@ def heal_estimate(config: Config, mesh: Mesh, mesh_text: str, tokens: tuple[int,
     with jax.set_mesh(mesh):
         step, student, opt_state = _lower_heal_step(config, mesh, tokens, plan)
         step = Compiled.of("heal step", step)
-        teacher = Compiled.of("teacher forward", lower_forward(config, mesh, (tokens[0], tokens[1] - 1), jnp.float32,
-                                                               return_hidden=False))
+        teacher = Compiled.of("teacher view", _lower_teacher_view(config, mesh, tokens))
         weights = bytes_per_device(abstract_params(config, mesh, jnp.float32))
         state = bytes_per_device(opt_state)
-    stages = {"teacher forward": bytes_per_device(student) + state + teacher.total,
+    stages = {"teacher view": bytes_per_device(student) + state + teacher.total,
               "step": step.total + weights}
     hand = {"weights fp32 (student)": bytes_per_device(student), "AdamW state": state, "teacher weights fp32": weights,
-            "teacher logits (B, T - 1, V)": int(tokens[0] * (tokens[1] - 1) / data_parallel(mesh)
-                                                * config.vocab_size * 4)}
+            "teacher hidden states (B, T - 1, d)": int(tokens[0] * (tokens[1] - 1) / data_parallel(mesh)
+                                                       * config.hidden_size * 4)}
     return Estimate("heal", mesh_text, _devices(mesh), tokens, "fp32", [teacher, step], stages, hand)
 
 
@@ -188,7 +187,10 @@ def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: 
     is, each layer once)."""
     from expand.ablate.sweeps import plan_of
     from expand.container import Model
-    from expand.heal import HealOptions, make_optimizer, make_step, make_student
+    from expand.heal import HealOptions
+    from expand.heal.loss import make_step
+    from expand.heal.optimizer import make_optimizer
+    from expand.heal.student import make_student
 
     options = HealOptions(batch_size=tokens[0])
     plan = plan or plan_of(range(config.num_hidden_layers), config.num_hidden_layers)
@@ -197,9 +199,19 @@ def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: 
     opt_state = jax.tree_util.tree_map_with_path(lambda path, x: _like_param(path, x, student.params, mesh),
                                                  jax.eval_shape(optimizer.init, student.params))
     step = make_step(student, optimizer, options)
-    teacher_logits = _batch(mesh, (tokens[0], tokens[1] - 1, config.vocab_size), jnp.float32)
-    return (step.lower(student.params, opt_state, _batch(mesh, tokens, jnp.int32), teacher_logits), student.params,
+    teacher = (_batch(mesh, (tokens[0], tokens[1] - 1, config.hidden_size), jnp.float32),
+               _replicated(mesh, (config.hidden_size, config.vocab_size), jnp.float32))  # `teacher_view`
+    return (step.lower(student.params, opt_state, _batch(mesh, tokens, jnp.int32), teacher), student.params,
             opt_state)
+
+
+def _lower_teacher_view(config: Config, mesh: Mesh, tokens: tuple[int, int]):
+    """The teacher's side of a heal step (`expand.heal.loss.teacher_view`: its final-normed hidden states
+    and head) lowered on abstract weights and tokens."""
+    from expand.heal.loss import teacher_view
+
+    view = jax.jit(lambda params, batch: teacher_view(params, batch, config))
+    return view.lower(abstract_params(config, mesh, jnp.float32), _batch(mesh, tokens, jnp.int32))
 
 
 def _like_param(path, leaf, params: dict, mesh: Mesh) -> jax.ShapeDtypeStruct:
