@@ -50,3 +50,19 @@ def test_show_memory_equals_the_compiled_function_on_real_weights(checkpoint, tm
 def test_memory_options_need_memory(checkpoint):
     done = run("-m", "expand", "show", str(checkpoint), "--mesh", "fsdp=2", devices=1)
     assert done.returncode == 2 and "go with --memory" in done.stderr
+
+
+def test_show_memory_of_a_heal_step(checkpoint, tmp_path):
+    """--memory heal compiles heal's own step and teacher view on abstract shapes: the student's weights and
+    AdamW state are arguments of the step, and the peak is the larger of the two stages."""
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text((checkpoint / "config.json").read_text())
+    shown = run("-m", "expand", "show", str(config_only), "--layer-spec", "0:3,1:", "--memory", "heal", "--mesh",
+                "fsdp=2,tp=4", "--batch", "4", "--seq-len", "32", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    estimate = json.loads(shown.stdout)["memory"]
+    step = next(c for c in estimate["compiled"] if c["name"] == "heal step")
+    hand = estimate["hand"]
+    assert step["arguments"] >= hand["weights fp32 (student)"] + hand["AdamW state"]
+    assert estimate["peak_bytes_per_device"] == max(estimate["stages"].values())
