@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -61,13 +62,15 @@ def child(batch: int, seq_len: int, remat: bool, out: str) -> None:
 def measure(source: Path, label: str, batch: int, seq_len: int, remat: bool) -> dict:
     from experiments.benchlib import run_measured
 
+    load = os.getloadavg()[0]  # how busy the machine was as this configuration started
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         env = {"PYTHONPATH": str(source), "JAX_PLATFORMS": "cpu"}
         measured = run_measured([sys.executable, __file__, "--child", str(batch), str(seq_len), str(int(remat)),
                                  str(out)], env=env)
         record = json.loads(out.read_text())
-    row = {"code": label, "batch": batch, "seq_len": seq_len, "remat": remat, **measured, **record}
+    row = {"code": label, "batch": batch, "seq_len": seq_len, "remat": remat, "load_average_1min": load, **measured,
+           **record}
     print(f"{label:7s} {batch} x {seq_len:4d} remat={remat!s:5s} peak RSS {row['peak_rss_mib'] / 1024:6.2f} GiB, "
           f"step {row['step_s']:6.2f} s, losses {[round(x['loss'], 5) for x in row['losses']]}", flush=True)
     return row
@@ -126,7 +129,8 @@ def main() -> None:
     device = python_json("from benchlib import device_line; print(json.dumps(device_line()))")
     lines = [f"device: {device}", f"SmolLM2-135M, layer 12 deleted, LM + KL to the base, {STEPS} steps per run", ""]
     lines += [f"{r['code']:7s} {r['batch']} x {r['seq_len']:4d}{' --remat' if r['remat'] else '        '}  peak RSS "
-              f"{r['peak_rss_mib'] / 1024:6.2f} GiB  step {r['step_s']:6.2f} s" for r in rows]
+              f"{r['peak_rss_mib'] / 1024:6.2f} GiB  step {r['step_s']:6.2f} s  (load average {r['load_average_1min']:.1f} "
+              "at its start)" for r in rows]
     lines += [""] + summary(rows)
     write_results("bench_heal", {"device": device, "steps": STEPS, "rows": rows}, "\n".join(lines))
     plot(rows, RESULTS / "bench_heal.png")
