@@ -10,6 +10,7 @@ from collections import Counter
 
 import jax
 import numpy as np
+import pytest
 
 import expand
 from expand.config import Config
