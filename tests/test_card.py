@@ -91,7 +91,7 @@ def test_check_recorded_in_the_output(tiny_lm, tmp_path, verb, args, verdict):
     assert recorded["texts"] == {"expand-docs": expand.text.text_sha256(text)}
     after = expand.check(tiny_lm, out, text=text)
     assert recorded["verdict"] == after.verdict == verdict
-    # the same computation in another process: equal up to the order of XLA:CPU's threaded reductions
+    # the same check run again: equal up to the order of XLA:CPU's threaded reductions
     assert recorded["max_abs_logit_delta"] == pytest.approx(after.max_abs_logit_delta, rel=1e-5)
     assert recorded["mean_kl"] == pytest.approx(after.mean_kl, rel=1e-5, abs=1e-12)
     card = (out / "README.md").read_text()
