@@ -95,10 +95,8 @@ def _linear(x, weight, bias, equation):
     return y if bias is None else y + bias
 
 
-# Queries per block of causal attention (a block reads only the keys up to its last query): at least
-# ATTENTION_BLOCK, and at most ATTENTION_BLOCKS blocks. On SmolLM2 on 2 CPU cores blocks of 64 were the
-# faster at 4 x 512 tokens and blocks of 128 at 1 x 2048 (experiments/bench_forward.py's prefill rows).
-ATTENTION_BLOCK, ATTENTION_BLOCKS = 64, 16
+# Queries per block of causal attention: a block reads only the keys up to its last query.
+ATTENTION_BLOCK = 64
 
 
 def _masked_value(dtype) -> float:
@@ -114,9 +112,8 @@ def attend(q, k, v, mask, scale: float, first_query: int | None):
     the value product; the softmax denominator divides the output (B, T, n, h) rather than every score.
 
     first_query: the key position of query 0 when it is a trace-time int (a forward pass or a prefill:
-    query t sees no key after first_query + t); queries then run in blocks of max(ATTENTION_BLOCK,
-    T / ATTENTION_BLOCKS), each reading only the keys up to its last query, which skips about half the
-    scores of a long prompt.
+    query t sees no key after first_query + t); queries then run in blocks of ATTENTION_BLOCK, each
+    reading only the keys up to its last query, which skips about half the scores of a long prompt.
     None (a decoding step at a traced position): every query reads all S keys."""
     batch, length, heads, head_dim = q.shape
     kv_heads, num_keys = k.shape[1], k.shape[2]
@@ -126,8 +123,9 @@ def attend(q, k, v, mask, scale: float, first_query: int | None):
     if first_query is None:
         blocks = [(0, length, num_keys)]
     else:
-        size = max(ATTENTION_BLOCK, -(-length // ATTENTION_BLOCKS))
-        blocks = [(a, min(a + size, length), min(first_query + a + size, num_keys)) for a in range(0, length, size)]
+        starts = range(0, length, ATTENTION_BLOCK)
+        blocks = [(a, min(a + ATTENTION_BLOCK, length), min(first_query + a + ATTENTION_BLOCK, num_keys))
+                  for a in starts]
     outs = []
     for start, stop, keys in blocks:
         scores = jnp.einsum("bmgth,bmsh->bmgts", q[:, :, :, start:stop], k[:, :, :keys], preferred_element_type=acc)
