@@ -132,7 +132,10 @@ def main() -> None:
               f"{r['peak_rss_mib'] / 1024:6.2f} GiB  step {r['step_s']:6.2f} s  (load average {r['load_average_1min']:.1f} "
               "at its start)" for r in rows]
     lines += [""] + summary(rows)
-    write_results("bench_heal", {"device": device, "steps": STEPS, "rows": rows}, "\n".join(lines))
+    from expand.text import shipped_text, text_sha256
+
+    texts = {"python-reference": text_sha256(shipped_text("python-reference"))}  # what every child trains on
+    write_results("bench_heal", {"device": device, "texts": texts, "steps": STEPS, "rows": rows}, "\n".join(lines))
     plot(rows, RESULTS / "bench_heal.png")
 
 
