@@ -95,8 +95,11 @@ def _decode(params, tokens, positions, done, key_valid, kv_cache, cache_index, r
 def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              layer_ids=None, slot_scales=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              eos_token_ids: Sequence[int] | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Continue each prompt (a list of token ids) by up to `max_new_tokens`, stopping a row at EOS.
+             on_token: Callable[[int, int], None] | None = None,
+             stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to `max_new_tokens`, stopping a row at EOS, or once
+    `stop(row, its new tokens so far)` is true (e.g. a stop string appeared); decoding ends when every row
+    has stopped.
 
     Prompts are left-padded to one length; every slot keeps its own KV cache (N, B, m, S, h), also when
     two slots share weights. `on_token(row, token)` is called for each chosen token, in order, as each
@@ -143,6 +146,8 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
                 outputs[row].append(token)
                 if on_token is not None:
                     on_token(row, token)
+                if stop is not None and stop(row, outputs[row]):
+                    done[row] = True
 
     emit(to_host(last)[:, None])
     produced = 1

@@ -245,9 +245,14 @@ class ExpandLM(TemplateLM):
                     width = bucket_length(len(prompts[batch[0]]), self.max_length - new_tokens)
                     rows = [prompts[i] for i in batch] + [[self.prefix_token_id] * width] * (
                         self.batch_size + 1 - len(batch))
+                    real = len(batch)  # the rows after it only fill the batch: they stop at once
+
+                    def stop(row: int, tokens: list[int]) -> bool:
+                        return row >= real or any(text in self.tok_decode(tokens) for text in until)
+
                     outputs = generate(self.model.params, self.model.config, rows, new_tokens,
                                        layer_ids=self.layer_ids, slot_scales=self.slot_scales,
-                                       eos_token_ids=[self.eot_token_id], **sampling)
+                                       eos_token_ids=[self.eot_token_id], stop=stop, **sampling)
                     for i, tokens in zip(batch, outputs):
                         results[i] = postprocess_generated_text(self.tok_decode(tokens), until, None)
                         self.cache_hook.add_partial("generate_until", requests[i].args, results[i])

@@ -93,3 +93,22 @@ def test_a_row_that_ends_inside_a_chunk_stops_while_the_others_continue(tiny_che
     stopped = expand.generate(params, config, prompts, 30, eos_token_ids=[eos])
     assert stopped[0] == free[0][: free[0].index(eos)]
     assert stopped[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
+
+
+def test_a_stop_callback_ends_a_row_and_decoding_ends_when_every_row_has(tiny_checkpoint):
+    """stop(row, tokens): row 0 stops after 3 tokens, row 1 after 20 (past the first chunk); each is the
+    start of what it generates without stopping, and a row asked to stop at once ends after one token."""
+    model = expand.load(tiny_checkpoint)
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12]]
+    full = expand.generate(model.params, model.config, prompts, 24, eos_token_ids=[])
+    limits = {0: 3, 1: 20, 2: 1}
+    asked = []
+
+    def stop(row, tokens):
+        asked.append(row)
+        return len(tokens) >= limits[row]
+
+    stopped = expand.generate(model.params, model.config, prompts, 24, eos_token_ids=[], stop=stop)
+    assert [len(t) for t in stopped] == [3, 20, 1]
+    assert all(s == f[:len(s)] for s, f in zip(stopped, full))
+    assert asked.count(2) == 1
