@@ -30,8 +30,8 @@ def cmd_check(args) -> int:
     if args.candidate is None and args.layer_spec is None:
         raise ValueError("give a CANDIDATE model to compare with BASE, or --layer-spec S for a depth plan run "
                          "virtually on BASE")
-    inputs = [claim_output(f, args, args.base, args.candidate) for f in (args.json, args.plot) if f]
-    inputs = inputs[0] if inputs else []
+    reports = [f for f in (args.json, args.plot) if f]
+    inputs = [read for f in reports for read in claim_output(f, args, args.base, args.candidate)]
     base = load_on_mesh(args.base, args)
     if args.layer_spec is not None:
         from expand.surgery.plan import plan_from_layer_spec
