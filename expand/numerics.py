@@ -29,10 +29,12 @@ def scale_rounded(array: jax.Array, factor) -> jax.Array:
 
 
 def log_partition(z: jax.Array) -> jax.Array:
-    """log sum_v exp(z_v) over the last axis, (..., V) -> (...), as max z + log sum exp(z - max z) (the form
-    XLA:CPU reduces in one fast pass)."""
+    """log sum_v exp(z_v) over the last axis, (..., V) -> (...), as max z + log sum exp(z - max z). A NaN or
+    +inf logit makes it NaN; a -inf logit adds exactly 0. (The terms pass through a `where`: XLA:CPU then
+    reduces them in its vectorized loop, about twice as fast as the plain fused exp-and-sum on (1, 512,
+    49152) logits, experiments/bench_ablate.py.)"""
     top = z.max(-1)
-    return top + jnp.log(jnp.exp(z - top[..., None]).sum(-1))
+    return top + jnp.log(jnp.where(z == -jnp.inf, 0.0, jnp.exp(z - top[..., None])).sum(-1))
 
 
 def log_probs(logits: jax.Array) -> jax.Array:
