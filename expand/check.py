@@ -195,7 +195,7 @@ def compare_with(reference: Reference, logits, tokens) -> dict[str, jax.Array]:
     lse = log_partition(z)
     kl = jnp.maximum(kl_from_log_probs(base - reference.lse[..., None].astype(acc), z - lse[..., None]), 0.0)
     difference = z - base
-    max_abs_delta = jnp.where(difference == difference, jnp.abs(difference), jnp.inf).max(-1)
+    max_abs_delta = jnp.where(jnp.isnan(difference), jnp.inf, jnp.abs(difference)).max(-1)
     length = tokens.shape[1] - 1
     return {"kl": kl, "agree": picked(z, reference.top1) == z.max(-1), "max_abs_delta": max_abs_delta,
             "nll": lse[:, :length] - picked(z[:, :length], jnp.asarray(tokens)[:, 1:]),
