@@ -22,15 +22,9 @@ TEXT_FREE = {  # benchmarks whose inputs are no text
     "results/cpu_gemm_accuracy.json": "random matrices",
     "results/bench_forward_cpu.json": "random tokens",
     "results/bench_compile.json": "random tokens (compile time of programs)",
+    "results/profile_prefill_cpu.json": "random tokens and activations",
     "results/eval_window_sweep.json": "lm-eval tasks (tests/data/lm_eval), scored by lm-eval, not a text",
 }
-NOT_YET_RERUN = {  # measured on a text before the texts were frozen; each records its text when rerun
-    **{f"ablation/{name}": "the ablation studies (python-reference) record their text when they are rerun"
-       for name in ("summary.json", "importance/results.json", "pruning/greedy/results.json",
-                    "pruning/block-influence/results.json", "self-merge/results.json", "duplication/results.json")},
-}
-
-
 def results_files() -> list[str]:
     return sorted(str(p.relative_to(EXPERIMENTS)) for p in EXPERIMENTS.rglob("*.json")
                   if "configs" not in p.relative_to(EXPERIMENTS).parts)
@@ -38,13 +32,11 @@ def results_files() -> list[str]:
 
 def test_every_results_file_is_classified():
     files = set(results_files())
-    assert set(TEXT_FREE) <= files and set(NOT_YET_RERUN) <= files
+    assert set(TEXT_FREE) <= files
     assert {"frankenllama/results.json", "ablation/summary.json", "results/parity_floor.json"} <= files
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(f, marks=pytest.mark.xfail(reason=NOT_YET_RERUN[f], strict=True)) if f in NOT_YET_RERUN else f
-    for f in results_files() if f not in TEXT_FREE])
+@pytest.mark.parametrize("name", [f for f in results_files() if f not in TEXT_FREE])
 def test_study_records_shipped_texts(name):
     results = json.loads((EXPERIMENTS / name).read_text())
     texts = results.get("texts")
