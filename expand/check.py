@@ -188,7 +188,7 @@ def compare_with(reference: Reference, logits, tokens) -> dict[str, jax.Array]:
         makes it inf). Where it is False the other numbers mean nothing: callers must look at it first.
 
     (Written for XLA:CPU's fast reductions: no argmax and no separate finiteness pass over V per call, the
-    differences' NaN test as a `where` (which XLA:CPU reduces about twice as fast as a bare |.|), the
+    differences' NaN test as a `where` (which XLA:CPU reduces in a faster loop than a bare |.|), the
     log-partition and KL terms of `expand.numerics`.)"""
     acc = accumulation_dtype(logits.dtype)
     z, base = logits.astype(acc), reference.logits.astype(acc)

@@ -20,6 +20,7 @@ from typing import Callable
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parents[1]
+STARTED = time.monotonic()  # a run's wall time (`write_results`) counts from this import, the start of every benchmark
 
 
 def cache_dir(name: str) -> Path:
@@ -106,7 +107,9 @@ def load_average() -> list[float]:
 
 
 def write_results(name: str, results: dict, text: str) -> None:
+    """results/<name>.json and .txt, each with the whole run's wall time (`run_wall_s`, s)."""
+    wall = round(time.monotonic() - STARTED, 1)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.txt").write_text(text + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({**results, "run_wall_s": wall}, indent=2) + "\n")
+    (RESULTS / f"{name}.txt").write_text(f"{text}\nwhole run: {wall} s\n")
     print(f"wrote {RESULTS / name}.json and .txt")
