@@ -133,3 +133,32 @@ def test_a_non_finite_model_is_never_preserved(tmp_path, tiny_checkpoint, where,
     if where == "embedding_row":  # token 40 may not be among the random tokens: the weights still say it
         assert "embed_tokens.weight" in out
     np.testing.assert_array_equal(SafetensorsSource(broken).read("lm_head.weight"), before)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_compare_with_flags_each_non_finite_candidate_logit_where_it_is(bad):
+    """compare_with derives the candidate's finiteness from its log-partition and max |dlogit| (no pass of
+    its own): a NaN, +inf or -inf logit is flagged at its position and nowhere else; the finite positions'
+    numbers equal a float64 NumPy computation."""
+    from scipy.special import log_softmax
+
+    from expand.check import compare_logits
+
+    rng = np.random.default_rng(3)
+    base_logits = rng.normal(size=(2, 6, 50)).astype(np.float32) * 3
+    logits = base_logits + rng.normal(size=base_logits.shape).astype(np.float32)
+    tokens = rng.integers(0, 50, (2, 6))
+    logits[1, 2, 7] = bad
+    out = {k: np.asarray(v) for k, v in compare_logits(base_logits, logits, tokens).items()}
+    flagged = np.zeros((2, 6), bool)
+    flagged[1, 2] = True
+    np.testing.assert_array_equal(out["finite"], ~flagged)
+    assert out["max_abs_delta"][1, 2] == np.inf
+    with np.errstate(invalid="ignore"):  # the flagged row
+        log_p, log_q = log_softmax(base_logits.astype(np.float64), -1), log_softmax(logits.astype(np.float64), -1)
+    ok = ~flagged
+    np.testing.assert_allclose(out["kl"][ok], (np.exp(log_p) * (log_p - log_q)).sum(-1)[ok], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["max_abs_delta"][ok], np.abs(logits - base_logits).max(-1)[ok], rtol=1e-6)
+    nll = -np.take_along_axis(log_q[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(out["nll"][ok[:, :-1]], nll[ok[:, :-1]], rtol=1e-5)
+    np.testing.assert_array_equal(out["agree"][ok], (logits.argmax(-1) == base_logits.argmax(-1))[ok])
