@@ -114,7 +114,10 @@ def test_exact_widening_of_smollm2_to_the_360m_shape(smollm2, license_tokens):
     report = expand.check(smollm2, expand.Model(new_config, new_params, "wide"), tokens=tokens)
     print(f"SmolLM2 exact widening: max |delta logit| {report.max_abs_logit_delta:.2e}, fp32 floor "
           f"{report.floor:.2e} (fp32 vs float64 of the base on the same tokens)")
-    assert report.max_abs_logit_delta <= report.tolerance  # 10 x the measured floor: preserved
+    # at the floor, not only within the check's tolerance (10 x the floor): the widened model rounds differently
+    # from the base in fp32, by about as much as fp32 differs from float64 (measured 0.64x the floor here,
+    # 1.2x on the frankenllama study's text, experiments/frankenllama/results.json)
+    assert report.max_abs_logit_delta <= 2 * report.floor
     assert new_config.rms_norm_eps == pytest.approx(config.rms_norm_eps * 576 / 960)
 
 
