@@ -292,7 +292,11 @@ def unhandled_settings(d: dict[str, Any], defaults: dict[str, Any]) -> list[str]
 
 
 def _refuse_unknown_settings(d: dict[str, Any], model_type: str) -> None:
-    """Refuse `unhandled_settings` by name instead of computing another function."""
+    """Refuse `unhandled_settings` by name instead of computing another function. transformers (seconds to
+    import, and a few hundred MB) is imported only when config.json has a field outside HANDLED | NO_EFFECT:
+    a config written by transformers for these architectures has none."""
+    if not set(d) - HANDLED - NO_EFFECT:
+        return
     defaults = transformers_defaults(model_type)
     unknown = unhandled_settings(d, defaults)
     if unknown:

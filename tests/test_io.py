@@ -177,3 +177,16 @@ def test_config_fields_transformers_knows_are_handled_or_refused_by_name():
     assert unhandled_settings({**config, "attention_sink_size": 4}, defaults) == ["attention_sink_size"]
     with pytest.raises(expand.ConfigError, match="hidden_act"):
         expand.Config.from_hf({**config, "hidden_act": "gelu"})
+
+
+def test_reading_a_config_written_by_transformers_does_not_import_it(tiny_checkpoint):
+    """transformers costs seconds and a few hundred MB to import: a config whose fields are all handled or
+    without effect is read without it (every verb reads one at start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import expand; from expand.config import Config; "
+            f"Config.from_file({str(tiny_checkpoint / 'config.json')!r}); "
+            "assert 'transformers' not in sys.modules, 'transformers was imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
