@@ -4,9 +4,11 @@ Each process runs the same command (CLI: --coordinator HOST:PORT --num-processes
 of them where JAX reads the cluster from the environment, on SLURM and TPU pods). What that takes, each
 piece here once:
 
-- `initialize`: jax.distributed.initialize, with CPU collectives over gloo (so CPU hosts run it too),
-  before anything touches a backend (the CLI calls it before its verb runs; `jax.devices()` then lists
-  every process's devices, and a mesh spans them all).
+- `initialize`: every process first checks in with process 0 (`check_in`: a process that never starts,
+  differing --num-processes or a repeated --process-id is an error on every process within a stated
+  timeout, where JAX would wait silently and then abort), then jax.distributed.initialize, with CPU
+  collectives over gloo (so CPU hosts run it too), before anything touches a backend (the CLI calls it
+  before its verb runs; `jax.devices()` then lists every process's devices, and a mesh spans them all).
 - `to_host`: the numbers a verb prints or writes, fetched to every process (arrays spanning other
   processes' devices are gathered with `multihost_utils.process_allgather`; replicated ones are read
   locally).
@@ -20,22 +22,28 @@ With one process every function here reduces to the plain single-process step.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import os
+import socket
+import sys
+import time
+from typing import Callable, NoReturn, TypeVar
 
 import jax
 import numpy as np
 
 T = TypeVar("T")
 MESSAGE_BYTES = 1024  # the longest error message passed from process 0 to the others
+CHECK_IN = "expand-check-in"  # the first word of a process's check-in line
+WAITING_NOTE_AFTER_S = 5  # a process waiting longer than this says what it waits for
 
 
 class WriterFailed(ValueError):
     """Process 0 failed to claim or write an output; raised on the other processes with its message."""
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """jax.distributed.initialize with explicit arguments, or from the environment when none are given; CPU
+def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None, timeout: float) -> None:
+    """jax.distributed.initialize with explicit arguments (after `check_in`), or from the environment when
+    none are given (then JAX's own start-up applies: it waits `timeout` seconds, then aborts); CPU
     collectives over gloo. Must run before anything touches a backend."""
     given = [coordinator, num_processes, process_id]
     if any(v is not None for v in given) and not all(v is not None for v in given):
@@ -44,8 +52,161 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"--process-id {process_id} is not in 0..{num_processes - 1} (--num-processes "
                          f"{num_processes})")
+    deadline = time.monotonic() + timeout
+    if coordinator is not None and num_processes > 1:
+        check_in(coordinator, num_processes, process_id, timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=max(30, int(deadline - time.monotonic())))
+
+
+# ---- check-in: every process known to process 0 before JAX's coordination service starts -------------
+
+
+def check_in(coordinator: str, num_processes: int, process_id: int, timeout: float) -> None:
+    """Every process reports `CHECK_IN process_id num_processes` to process 0 over a plain TCP connection
+    to the coordinator's port; process 0 answers every one `ok` once all N-1 others have checked in with
+    its own N, and then frees the port for jax.distributed. Raises ValueError (on every process that
+    checked in) for a process still missing after `timeout` seconds, another --num-processes, or a
+    --process-id given twice: what jax.distributed would wait on silently, abort on, or not compare."""
+    host, port = parse_address(coordinator)
+    if process_id == 0:
+        _admit_all(port, num_processes, coordinator, timeout)
+    else:
+        _report_to_process_zero(host, port, process_id, num_processes, coordinator, timeout)
+
+
+def parse_address(coordinator: str) -> tuple[str, int]:
+    """HOST:PORT (or [IPV6]:PORT) as (host, port); ValueError naming the form otherwise."""
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {coordinator!r} is not HOST:PORT (e.g. node0:8476 or localhost:8476)")
+    return host.strip("[]"), int(port)
+
+
+def _read_line(conn: socket.socket, deadline: float) -> str:
+    """One line (at most MESSAGE_BYTES) from conn, without its newline; '' on a closed connection."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) <= MESSAGE_BYTES:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = conn.recv(MESSAGE_BYTES)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _waiting_note(what: str, deadline: float) -> None:
+    print(f"waiting for {what} (up to {max(0, deadline - time.monotonic()):.0f} s more, --init-timeout)",
+          file=sys.stderr, flush=True)
+
+
+def _admit_all(port: int, num_processes: int, coordinator: str, timeout: float) -> None:
+    """Process 0's side of `check_in`."""
+    deadline = time.monotonic() + timeout
+    dual = socket.has_dualstack_ipv6()
+    try:
+        server = socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                      dualstack_ipv6=dual)
+    except OSError as e:
+        raise ValueError(f"process 0 cannot listen on port {port} of --coordinator {coordinator} ({e.strerror}): "
+                         f"is another run using it? Give every process another free port") from None
+    peers: dict[int, socket.socket] = {}
+    noted = False
+    try:
+        while len(peers) < num_processes - 1:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(1, num_processes)) - set(peers))
+                raise ValueError(f"process{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                                 f"{num_processes} did not check in at {coordinator} within {timeout:g} s "
+                                 f"(--init-timeout): start the same command on every process with --coordinator "
+                                 f"{coordinator} --num-processes {num_processes} and its own --process-id")
+            server.settimeout(min(left, WAITING_NOTE_AFTER_S))
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                if not noted:
+                    _waiting_note(f"{num_processes - 1 - len(peers)} more process(es) to check in at {coordinator}",
+                                  deadline)
+                    noted = True
+                continue
+            try:
+                words = _read_line(conn, min(deadline, time.monotonic() + WAITING_NOTE_AFTER_S)).split()
+            except OSError:
+                words = []
+            if len(words) != 3 or words[0] != CHECK_IN or not (words[1].isdigit() and words[2].isdigit()):
+                conn.close()  # not an expand process (a port scan, a stray client): ignored
+                continue
+            rank, claimed = int(words[1]), int(words[2])
+            problem = _admission_problem(rank, claimed, num_processes, peers)
+            if problem:
+                _answer_all([conn], f"error: process 0 says: {problem}")
+                raise ValueError(problem)
+            peers[rank] = conn
+    except ValueError as e:
+        _answer_all(peers.values(), f"error: process 0 says: {e}")
+        raise
+    finally:
+        server.close()
+    _answer_all(peers.values(), "ok")
+
+
+def _admission_problem(rank: int, claimed: int, num_processes: int, admitted) -> str | None:
+    """Why the process that checked in as (rank, claimed count) cannot run with process 0 and the
+    processes `admitted` so far; None if it can."""
+    if claimed != num_processes:
+        return (f"process {rank} was given --num-processes {claimed} and process 0 --num-processes "
+                f"{num_processes}: give every process the same count")
+    if rank == 0 or rank in admitted:
+        return f"two processes were given --process-id {rank}: give each process its own index 0..{num_processes - 1}"
+    return None
+
+
+def _answer_all(conns, line: str) -> None:
+    """Send `line` to every checked-in process and wait (briefly) for each to hang up first, so that the
+    port's closing state stays on their side and jax.distributed can bind it at once."""
+    for conn in conns:
+        try:
+            conn.sendall(line.encode()[:MESSAGE_BYTES] + b"\n")
+            _read_line(conn, time.monotonic() + WAITING_NOTE_AFTER_S)
+        except OSError:
+            pass  # that process is gone; jax.distributed or its own check-in reports it
+        finally:
+            conn.close()
+
+
+def _report_to_process_zero(host: str, port: int, process_id: int, num_processes: int, coordinator: str,
+                            timeout: float) -> None:
+    """A process other than 0: its side of `check_in`."""
+    deadline = time.monotonic() + timeout
+    noted = False
+    while True:
+        try:
+            conn = socket.create_connection((host, port), timeout=max(0.01, min(5.0, deadline - time.monotonic())))
+            break
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ValueError(f"process 0 did not answer at {coordinator} within {timeout:g} s (--init-timeout): "
+                                 f"start process 0 there (--process-id 0), or check the address") from None
+            if not noted and time.monotonic() > deadline - timeout + WAITING_NOTE_AFTER_S:
+                _waiting_note(f"process 0 at {coordinator}", deadline)
+                noted = True
+            time.sleep(0.2)
+    with conn:
+        try:
+            conn.sendall(f"{CHECK_IN} {process_id} {num_processes}\n".encode())
+            answer = _read_line(conn, deadline)
+        except TimeoutError:
+            answer = ""
+        except OSError as e:
+            answer = f"error: the check-in at {coordinator} failed ({e.strerror})"
+    if answer == "ok":
+        return
+    if answer.startswith("error: "):
+        raise ValueError(answer.removeprefix("error: "))
+    raise ValueError(f"process 0 at {coordinator} did not admit process {process_id} within {timeout:g} s "
+                     f"(--init-timeout): it stopped, or it waits for a process that has not started")
 
 
 def several() -> bool:
@@ -144,3 +305,28 @@ def agree_on_exit_code(code: int) -> int:
 
     codes = multihost_utils.process_allgather(np.asarray([code], np.int32))
     return int(np.max(codes))
+
+
+# ---- a process that stops mid-run ---------------------------------------------------------------------
+
+
+def is_runtime_failure(error: BaseException) -> bool:
+    """Whether `error` is the runtime's (a collective whose peer is gone, a device out of memory), not a
+    Python error in expand's own code."""
+    return isinstance(error, jax.errors.JaxRuntimeError)
+
+
+def stop_after_lost_peer(error: BaseException) -> NoReturn:
+    """Stop this process at once after a runtime failure in a run of several processes: the other processes
+    cannot finish without it (nor it without them), and a normal exit would wait in jax.distributed's
+    shutdown for the lost process until the heartbeat timeout (100 s), then abort. Outputs are written
+    whole or not at all, so nothing partial is left; claims are released first. Exit status 1."""
+    from expand.io.atomic import release_all
+
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"error: process {jax.process_index()} stops: a step across processes failed ({first_line}); most "
+          f"likely another process stopped. Nothing partial was written; heal resumes from its last checkpoint "
+          f"with --resume", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    release_all()
+    os._exit(1)

@@ -1,17 +1,21 @@
 """One command as 2 real OS processes on localhost (jax.distributed over gloo, 2 simulated CPU devices each,
 one mesh of 4 devices), as a user runs it on two hosts: check, ablate and heal give the numbers of one
 process on one device (fp32, within 1e-5 relative), only process 0 reports and writes, and both processes
-exit with the same status."""
+exit with the same status. And the ways such a run breaks: a process that never starts, processes given
+different counts or one index twice, a process killed with SIGKILL mid-run."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
 
 from tests.helpers import make_hf_checkpoint
-from tests.processes import run_expand, run_expand_alone
+from tests.processes import free_port, rank_options, run_expand, run_expand_alone, start_expand
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +100,74 @@ def test_every_process_exits_with_process_zeros_refusal(checkpoint, tmp_path):
                       str(tmp_path / "taken"))
     assert [r.returncode for r in runs] == [2, 2], [r.stderr[-2000:] for r in runs]
     assert "exists" in runs[0].stderr and "process 0 failed" in runs[1].stderr
+
+
+def check_command(checkpoint, port: int, processes: int, rank: int, timeout: int) -> list[str]:
+    return ["check", str(checkpoint), "--layer-spec", "0:3,1:", *TOKENS, "--mesh", "fsdp=4",
+            *rank_options(port, processes, rank), "--init-timeout", str(timeout)]
+
+
+@pytest.mark.parametrize("rank, message", [(0, "process 1 of 2 did not check in at localhost:{port} within 5 s"),
+                                           (1, "process 0 did not answer at localhost:{port} within 5 s")])
+def test_a_process_started_alone_stops_within_its_timeout_naming_what_is_missing(checkpoint, rank, message):
+    port = free_port()
+    began = time.monotonic()
+    [run] = start_expand([check_command(checkpoint, port, 2, rank, timeout=5)]).finish(timeout=120)
+    assert run.returncode == 2 and message.format(port=port) in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and time.monotonic() - began < 60
+
+
+@pytest.mark.parametrize("ranks, message", [
+    ([(2, 0), (3, 1)], "process 1 was given --num-processes 3 and process 0 --num-processes 2"),
+    ([(3, 0), (2, 1)], "process 1 was given --num-processes 2 and process 0 --num-processes 3"),
+    ([(3, 0), (3, 1), (3, 1)], "two processes were given --process-id 1"),
+])
+def test_processes_that_disagree_on_who_runs_all_stop_at_once(checkpoint, ranks, message):
+    """(--num-processes, --process-id) per process: every process exits 2 with the reason, long before the
+    300 s it would wait for a process that is not coming."""
+    port = free_port()
+    began = time.monotonic()
+    runs = start_expand([check_command(checkpoint, port, n, rank, timeout=300) for n, rank in ranks]).finish(120)
+    assert [r.returncode for r in runs] == [2] * len(ranks), [r.stderr[-2000:] for r in runs]
+    assert all(message in r.stderr and "Traceback" not in r.stderr for r in runs), [r.stderr[-2000:] for r in runs]
+    assert time.monotonic() - began < 60
+
+
+def committed_steps(checkpoints) -> list[int]:
+    """The steps orbax finished saving under `checkpoints`."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_process_killed_mid_heal_stops_the_other_and_the_run_resumes(checkpoint, tmp_path, killed):
+    """SIGKILL to one of the two processes of a heal after its first checkpoint: the other stops within
+    seconds (process 0 with exit 1 and a message; process 1 is stopped by jax.distributed, which aborts
+    it when process 0's coordination service is gone), no output appears, and both resume from the last
+    checkpoint to the end."""
+    out = tmp_path / "healed"
+    args = ["heal", str(checkpoint), str(out), "--layer-spec", "0:3,1:", "--teacher", str(checkpoint),
+            "--batch-size", "2", "--held-out", "0.5", "--checkpoint-every", "10", *TOKENS, "--mesh", "data=2,fsdp=2"]
+    port = free_port()
+    running = start_expand([[*args, "--steps", "100000", *rank_options(port, 2, rank)] for rank in (0, 1)])
+    deadline = time.monotonic() + 300
+    while not committed_steps(tmp_path / "healed.checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed_steps(tmp_path / "healed.checkpoints"), "no checkpoint within 300 s"
+    os.kill(running.children[killed].pid, signal.SIGKILL)
+    began = time.monotonic()
+    runs = running.finish(timeout=120)
+    survivor = runs[1 - killed]
+    assert runs[killed].returncode == -signal.SIGKILL and survivor.returncode != 0, survivor.stderr[-2000:]
+    assert time.monotonic() - began < 30, survivor.stderr[-2000:]
+    if killed == 1:
+        assert survivor.returncode == 1 and "most likely another process stopped" in survivor.stderr
+    # nothing partial: only the checkpoints, and the lock file of a killed process 0 (its flock died with it)
+    assert {p.name for p in tmp_path.iterdir()} <= {"healed.checkpoints", ".healed.lock"} and not out.exists()
+
+    last = committed_steps(tmp_path / "healed.checkpoints")[-1]
+    resumed = run_expand(*args, "--steps", str(last + 3), "--resume")
+    assert [r.returncode for r in resumed] == [0, 0], [r.stderr[-2000:] for r in resumed]
+    history = json.loads((out / "history.json").read_text())
+    assert [entry["step"] for entry in history["train"]][-4:] == [last, last + 1, last + 2, last + 3]

@@ -51,7 +51,7 @@ def run_verb(args) -> int:
     """The verb's exit status, errors reported: bad input is `error: ...` and 2. An unexpected error is a
     traceback; with several processes it is printed and the status is 1, so that the processes can still
     agree on one status."""
-    from expand.distributed import several
+    from expand.distributed import is_runtime_failure, several, stop_after_lost_peer
 
     try:
         return args.run(args)
@@ -61,9 +61,11 @@ def run_verb(args) -> int:
     except KeyboardInterrupt:
         print_error("interrupted (an output being written was removed)")
         return 130
-    except Exception:
+    except Exception as e:
         if not several():
             raise
+        if is_runtime_failure(e):
+            stop_after_lost_peer(e)
         traceback.print_exc()
         return 1
 

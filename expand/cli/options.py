@@ -83,6 +83,9 @@ def add_mesh_options(p: argparse.ArgumentParser) -> None:
                    "(jax.distributed; every process runs the same command with its own --process-id)")
     p.add_argument("--num-processes", type=positive_int, metavar="N", help="several processes: how many")
     p.add_argument("--process-id", type=int, metavar="I", help="several processes: this one's index, 0..N-1")
+    p.add_argument("--init-timeout", type=positive_int, default=300, metavar="SECONDS",
+                   help="several processes: how long each waits for the others to start before it stops with an "
+                        "error naming the missing ones (default: %(default)s)")
     p.set_defaults(devices=run_devices)
 
 
@@ -99,7 +102,7 @@ def run_devices(args):
         if not args.mesh:
             raise ValueError("several processes run one mesh over all their devices: give --mesh too, e.g. "
                              "--mesh fsdp=4 for 2 processes of 2 devices each")
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
         if not distributed.is_writer():
             from expand import progress, report
 
