@@ -200,17 +200,18 @@ def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: 
                                                  jax.eval_shape(optimizer.init, student.params))
     step = make_step(student, optimizer, options)
     teacher = (_batch(mesh, (tokens[0], tokens[1] - 1, config.hidden_size), jnp.float32),
-               _replicated(mesh, (config.hidden_size, config.vocab_size), jnp.float32))  # `teacher_view`
+               _replicated(mesh, (config.hidden_size, config.vocab_size), jnp.float32))  # `teacher_views`
     return (step.lower(student.params, opt_state, _batch(mesh, tokens, jnp.int32), teacher), student.params,
             opt_state)
 
 
 def _lower_teacher_view(config: Config, mesh: Mesh, tokens: tuple[int, int]):
-    """The teacher's side of a heal step (`expand.heal.loss.teacher_view`: its final-normed hidden states
-    and head) lowered on abstract weights and tokens."""
-    from expand.heal.loss import teacher_view
+    """The teacher's side of a heal step (`expand.heal.loss.teacher_hidden`: its final-normed hidden
+    states; its head is made once per run and is an argument of the step) lowered on abstract weights and
+    tokens."""
+    from expand.heal.loss import teacher_hidden
 
-    view = jax.jit(lambda params, batch: teacher_view(params, batch, config))
+    view = jax.jit(lambda params, batch: teacher_hidden(params, batch, config))
     return view.lower(abstract_params(config, mesh, jnp.float32), _batch(mesh, tokens, jnp.int32))
 
 

@@ -82,7 +82,7 @@ def heal_step(model, layer_ids):
     step = make_step(student, optimizer, options)
     tokens = jnp.zeros((BATCH, LENGTH), jnp.int32)
     teacher = (jnp.zeros((BATCH, LENGTH - 1, model.config.hidden_size), jnp.float32),
-               head_weight(model.params, model.config))  # the teacher's hidden states and head (teacher_view)
+               head_weight(model.params, model.config))  # the teacher's hidden states and head (a teacher view)
     return lambda: step.lower(student.params, optimizer.init(student.params), tokens, teacher)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import expand
 from expand.heal import HealDiverged, HealOptions, export, heal, make_student
-from expand.heal.loss import heal_loss, teacher_view
+from expand.heal.loss import heal_loss, teacher_views
 from expand.model import forward
 from expand.numerics import kl_divergence, next_token_nll
 from tests.helpers import random_tokens
@@ -73,7 +73,7 @@ def test_chunked_loss_and_its_gradient_equal_the_plain_loss(base, tokens):
     options = HealOptions(lm_weight=0.5, distill_weight=2.0, loss_chunk=7)  # 4 x 32 = 128 positions, 19 chunks
     student = make_student(base, plan(base), options)
     batch = tokens[:4]
-    teacher = teacher_view(base.params, batch, base.config)
+    teacher = teacher_views(base)(batch)
 
     def chunked(params):
         return heal_loss(params, batch, teacher, student, options)
@@ -96,7 +96,7 @@ def test_chunked_loss_and_its_gradient_equal_the_plain_loss(base, tokens):
 
 def test_remat_computes_the_same_gradient(base, tokens):
     batch = tokens[:4]
-    teacher = teacher_view(base.params, batch, base.config)
+    teacher = teacher_views(base)(batch)
     grads = {}
     for remat in (False, True):
         options = HealOptions(lm_weight=0.5, remat=remat)

@@ -25,18 +25,26 @@ from expand.params import Params
 
 
 @partial(jax.jit, static_argnames=("config",))
-def teacher_view(params: Params, tokens, config) -> tuple[jax.Array, jax.Array]:
-    """What the loss needs of the frozen teacher on token windows (B, T): its final-normed hidden states at
-    the loss positions (B, T-1, d') and its head (d', V), from which `token_terms` computes its logits a
-    chunk at a time. Compiled once per teacher config and shape, outside the training step."""
-    return final_hidden(params, jnp.asarray(tokens)[:, :-1], config), head_weight(params, config)
+def teacher_hidden(params: Params, tokens, config) -> jax.Array:
+    """The frozen teacher's final-normed hidden states (B, T-1, d') at the loss positions of token windows
+    (B, T). Compiled once per teacher config and shape, outside the training step."""
+    return final_hidden(params, jnp.asarray(tokens)[:, :-1], config)
+
+
+def teacher_views(teacher: Model) -> Callable[[object], tuple[jax.Array, jax.Array]]:
+    """view(tokens (B, T)) -> what the loss needs of the frozen teacher on those windows: its hidden states
+    (`teacher_hidden`) and its head (d', V), from which `token_terms` computes its logits a chunk at a
+    time. The head is made once here and shared by every view (for tied embeddings it is a transposed,
+    vocabulary-sized copy: 113 MB for SmolLM2)."""
+    head = jax.jit(head_weight, static_argnums=1)(teacher.params, teacher.config)
+    return lambda tokens: (teacher_hidden(teacher.params, tokens, teacher.config), head)
 
 
 def token_terms(params: Params, tokens, student: Student, teacher: tuple[jax.Array, jax.Array] | None,
                 options: HealOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(nll, kl, agree), each (P,): the student's next-token cross-entropy, KL(teacher || student) and
     whether the two argmaxes agree at every loss position (kl and agree are zeros without a teacher).
-    teacher: `teacher_view` of the same tokens, or None. The student runs through its plan and gates (with
+    teacher: a `teacher_views` view of the same tokens, or None. The student runs through its plan and gates (with
     options.remat); neither model's (B, T, V) logits are ever formed (options.loss_chunk positions at a
     time)."""
     weights = weights_of(params)
@@ -83,7 +91,7 @@ def group_norms(grads: Params, student: Student) -> dict[str, jax.Array]:
 
 
 def make_step(student: Student, optimizer: optax.GradientTransformation, options: HealOptions):
-    """The jitted training step: (params, opt_state, tokens (B, T), teacher_view or None) -> (params,
+    """The jitted training step: (params, opt_state, tokens (B, T), teacher view or None) -> (params,
     opt_state, logs, whether every new weight is finite). params and opt_state are donated: their buffers
     become the new ones."""
     trainable = trainable_leaves(student, options.train)
@@ -103,30 +111,31 @@ def make_step(student: Student, optimizer: optax.GradientTransformation, options
     return step
 
 
-def make_evaluate(student: Student, options: HealOptions, teacher: Model | None,
+def make_evaluate(student: Student, options: HealOptions, views: Callable | None,
                   rows: np.ndarray) -> Callable[[Params], dict]:
     """evaluate(params) -> {"lm", "kl", "top1"}: the student's mean cross-entropy, mean KL(teacher ||
     student) and top-1 agreement with the teacher over every loss position of the held-out rows (S, T) (kl
     and top1 only with a teacher), options.batch_size rows at a time (one compiled shape: the last batch is
-    padded with rows that count 0). The teacher's side is computed once, here."""
+    padded with rows that count 0). views: `teacher_views` of the teacher, or None; the teacher's side is
+    computed once, here."""
     size = min(options.batch_size, len(rows))
     batches = []
     for start in range(0, len(rows), size):
         batch = rows[start:start + size]
         weights = np.r_[np.ones(len(batch)), np.zeros(size - len(batch))].astype(np.float32)
         batch = jnp.asarray(np.concatenate([batch, rows[:size - len(batch)]]))
-        view = None if teacher is None else teacher_view(teacher.params, batch, teacher.config)
+        view = None if views is None else views(batch)
         batches.append((batch, view, jnp.asarray(weights)))
 
     @jax.jit
-    def sums(params, tokens, teacher_view, row_weights):
-        nll, kl, agree = token_terms(params, tokens, student, teacher_view, options)
+    def sums(params, tokens, teacher, row_weights):
+        nll, kl, agree = token_terms(params, tokens, student, teacher, options)
         weight = jnp.repeat(row_weights, tokens.shape[1] - 1)
         return jnp.stack([(nll * weight).sum(), (kl * weight).sum(), (agree * weight).sum(), weight.sum()])
 
     def evaluate(params: Params) -> dict:
         lm, kl, top1, count = sum(np.asarray(sums(params, *batch), np.float64) for batch in batches)
-        return {"lm": float(lm / count), **({} if teacher is None else {"kl": float(kl / count),
+        return {"lm": float(lm / count), **({} if views is None else {"kl": float(kl / count),
                                                                        "top1": float(top1 / count)})}
 
     return evaluate

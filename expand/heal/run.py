@@ -13,7 +13,7 @@ import numpy as np
 
 from expand.container import Model
 from expand.heal.data import batch_at, check_rows, digest, split_held_out
-from expand.heal.loss import make_evaluate, make_step, teacher_view
+from expand.heal.loss import make_evaluate, make_step, teacher_views
 from expand.heal.optimizer import make_optimizer
 from expand.heal.options import HealDiverged, HealOptions, resume_mismatch
 from expand.heal.result import HealResult
@@ -152,7 +152,8 @@ def heal(model: Model, tokens: np.ndarray, plan: LayerPlan | None = None, teache
     refuse_nonfinite(teacher if teacher is not model else None, "teacher")
     optimizer = make_optimizer(options, student)
     step_fn = make_step(student, optimizer, options)
-    evaluate = make_evaluate(student, options, teacher, held_out)
+    views = None if teacher is None else teacher_views(teacher)
+    evaluate = make_evaluate(student, options, views, held_out)
     metric = "kl" if teacher is not None else "lm"
     meta = {"options": options.to_json(), "train_tokens": digest(train), "held_out_tokens": digest(held_out),
             "teacher": teacher is not None}
@@ -173,7 +174,7 @@ def heal(model: Model, tokens: np.ndarray, plan: LayerPlan | None = None, teache
             advance(state.step)
             while state.step < options.steps:
                 batch = jnp.asarray(batch_at(train, state.step, options.batch_size, options.seed))
-                view = None if teacher is None else teacher_view(teacher.params, batch, teacher.config)
+                view = None if views is None else views(batch)
                 params, opt_state, logs, finite = step_fn(state.params, state.opt_state, batch, view)
                 step = state.step + 1
                 logs = {"step": step, **{k: float(v) for k, v in logs.items()}}
