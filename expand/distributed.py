@@ -23,6 +23,7 @@ With one process every function here reduces to the plain single-process step.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -35,6 +36,9 @@ T = TypeVar("T")
 MESSAGE_BYTES = 1024  # the longest error message passed from process 0 to the others
 CHECK_IN = "expand-check-in"  # the first word of a process's check-in line
 WAITING_NOTE_AFTER_S = 5  # a process waiting longer than this says what it waits for
+# a process silent this long counts as dead, and the others stop (JAX's default, 100 s, left a process
+# waiting that long in a barrier, e.g. orbax's checkpoint commit, for a peer killed during it)
+HEARTBEAT_TIMEOUT_S = 20
 
 
 class WriterFailed(ValueError):
@@ -57,7 +61,11 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         check_in(coordinator, num_processes, process_id, timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               initialization_timeout=max(30, int(deadline - time.monotonic())))
+                               initialization_timeout=max(30, int(deadline - time.monotonic())),
+                               heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+    # jax.distributed takes SIGTERM as a preemption notice for a sync manager expand does not use, so a process
+    # sent SIGTERM ran on to the end; it stops now, like a single process (the other processes then stop too)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---- check-in: every process known to process 0 before JAX's coordination service starts -------------
@@ -205,6 +213,10 @@ def _report_to_process_zero(host: str, port: int, process_id: int, num_processes
         return
     if answer.startswith("error: "):
         raise ValueError(answer.removeprefix("error: "))
+    if answer:
+        said = answer.splitlines()[0][:80]
+        raise ValueError(f"what answers at {coordinator} is not expand's process 0 (it said {said!r}): give every "
+                         f"process a --coordinator port that process 0 listens on and nothing else uses")
     raise ValueError(f"process 0 at {coordinator} did not admit process {process_id} within {timeout:g} s "
                      f"(--init-timeout): it stopped, or it waits for a process that has not started")
 
@@ -303,7 +315,10 @@ def agree_on_exit_code(code: int) -> int:
         return code
     from jax.experimental import multihost_utils
 
-    codes = multihost_utils.process_allgather(np.asarray([code], np.int32))
+    try:
+        codes = multihost_utils.process_allgather(np.asarray([code], np.int32))
+    except jax.errors.JaxRuntimeError:
+        stop_now(max(code, 1), "another process stopped before all agreed on the exit status")
     return int(np.max(codes))
 
 
@@ -316,17 +331,17 @@ def is_runtime_failure(error: BaseException) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError)
 
 
-def stop_after_lost_peer(error: BaseException) -> NoReturn:
-    """Stop this process at once after a runtime failure in a run of several processes: the other processes
-    cannot finish without it (nor it without them), and a normal exit would wait in jax.distributed's
-    shutdown for the lost process until the heartbeat timeout (100 s), then abort. Outputs are written
-    whole or not at all, so nothing partial is left; claims are released first. Exit status 1."""
+def stop_now(code: int, reason: str) -> NoReturn:
+    """Stop this process at once, in a run of several processes that cannot finish without it (after a
+    runtime failure, most likely another process stopping, or a SIGTERM / SIGINT here): a normal exit would
+    wait in a collective or in jax.distributed's shutdown for the others until a timeout (100-300 s), then
+    abort. Process 0's coordination service goes with it, and jax.distributed then stops the other
+    processes. Outputs are written whole or not at all, so nothing partial is left; claims are released
+    first."""
     from expand.io.atomic import release_all
 
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"error: process {jax.process_index()} stops: a step across processes failed ({first_line}); most "
-          f"likely another process stopped. Nothing partial was written; heal resumes from its last checkpoint "
-          f"with --resume", file=sys.stderr, flush=True)
-    sys.stdout.flush()
+    message = (f"error: this process stops: {reason}. Nothing partial was written; heal resumes from its last "
+               f"checkpoint with --resume\n")  # no JAX call here: after a failed collective it may raise
+    os.write(2, message.encode())  # to the file itself: a progress bar may hold sys.stderr until it redraws
     release_all()
-    os._exit(1)
+    os._exit(code)

@@ -51,7 +51,7 @@ def run_verb(args) -> int:
     """The verb's exit status, errors reported: bad input is `error: ...` and 2. An unexpected error is a
     traceback; with several processes it is printed and the status is 1, so that the processes can still
     agree on one status."""
-    from expand.distributed import is_runtime_failure, several, stop_after_lost_peer
+    from expand.distributed import is_runtime_failure, several, stop_now
 
     try:
         return args.run(args)
@@ -59,13 +59,20 @@ def run_verb(args) -> int:
         print_error(str(e))
         return 2
     except KeyboardInterrupt:
+        if several():
+            stop_now(130, "interrupted")
         print_error("interrupted (an output being written was removed)")
         return 130
+    except SystemExit as e:  # SIGTERM while an output is claimed (expand.io.atomic)
+        if several():
+            stop_now(e.code, f"terminated (exit {e.code})")
+        raise
     except Exception as e:
         if not several():
             raise
         if is_runtime_failure(e):
-            stop_after_lost_peer(e)
+            first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
+            stop_now(1, f"a step across processes failed ({first_line}); most likely another process stopped")
         traceback.print_exc()
         return 1
 
