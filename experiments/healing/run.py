@@ -162,8 +162,9 @@ def main(names: list[str]) -> None:
     defaults = expand.HealOptions()
     results["setup"] = {"steps": STEPS, "batch": [2, 128], "seeds": list(SEEDS), "lr": defaults.lr,
                         "warmup": defaults.warmup, "objective": "KL(base || model) unless a run says otherwise",
-                        "train_rows": list(train.shape), "held_out": list(held_out.shape), "texts": texts(),
+                        "train_rows": list(train.shape), "held_out": list(held_out.shape),
                         "device": "CPU, 2 cores (no GPU lent)"}
+    results["texts"] = texts()
     for name in names or list(STUDIES):
         start = time.perf_counter()
         results[name] = {**STUDIES[name](base, train, held_out), "wall_s": round(time.perf_counter() - start)}

@@ -63,7 +63,8 @@ def main() -> None:
                       f"{command['output'][-1] if command['output'] else ''}")
             print()
             continue
-        blocks = {"sweep": results} if name == "sweep.json" else {k: v for k, v in results.items() if k != "setup"}
+        blocks = ({"sweep": results} if name == "sweep.json"
+                  else {k: v for k, v in results.items() if k not in ("setup", "texts")})
         for study, block in blocks.items():
             print(f"### {study}\n")
             print("\n".join(settings_table(block)))
