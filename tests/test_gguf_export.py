@@ -6,6 +6,8 @@ with the source recorded."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +61,17 @@ def test_fp32_export_reads_back_identically(tiny_lm, tmp_path):
     tokens = random_tokens(VOCAB_SIZE, (2, 128))
     ours = np.asarray(expand.forward(source.params, tokens, source.config))
     assert np.abs(torch_logits(hf, tokens) - ours).max() <= 1e-4
+
+
+def test_loaded_weights_do_not_keep_the_file_mapped(tiny_lm, tmp_path):
+    """An fp32 GGUF's tensors are read as views of the file's memory map; the loaded weights must be copies,
+    or the whole file stays mapped (and resident) as long as the model lives."""
+    out = tmp_path / "tiny.gguf"
+    assert main(["convert", str(tiny_lm), str(out), "--format", "gguf"]) == 0
+    model = expand.load(out)
+    gc.collect()
+    assert str(out.resolve()) not in Path("/proc/self/maps").read_text()
+    assert model.params["norm.weight"].shape == (model.config.hidden_size,)
 
 
 def test_tokenizer_and_chat_template_carried_over(tiny_lm, tmp_path):

@@ -102,6 +102,8 @@ class GGUFSource:
         tensor = self._tensors[name]
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+            if np.may_share_memory(array, tensor.data):  # an unquantized tensor is a view of the file's memory
+                array = array.copy()  # map, which would stay mapped (and resident) as long as the weights live
             array = array.reshape(self.shape(name))
         except Exception as e:  # a damaged tensor: dequantize and reshape raise ValueError / NotImplementedError
             raise CheckpointError(f"{self.path}: tensor {tensor.name} cannot be read ({e}); {REDO}") from e
