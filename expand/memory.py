@@ -200,7 +200,7 @@ def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: 
                                                  jax.eval_shape(optimizer.init, student.params))
     step = make_step(student, optimizer, options)
     teacher = (_batch(mesh, (tokens[0], tokens[1] - 1, config.hidden_size), jnp.float32),
-               _replicated(mesh, (config.hidden_size, config.vocab_size), jnp.float32))  # `teacher_views`
+               _replicated(mesh, (config.vocab_size, config.hidden_size), jnp.float32))  # `teacher_views`
     return (step.lower(student.params, opt_state, _batch(mesh, tokens, jnp.int32), teacher), student.params,
             opt_state)
 

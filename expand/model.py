@@ -253,15 +253,16 @@ def lm_head(params: Params, h, config: Config) -> jax.Array:
 
 
 def head_weight(params: Params, config: Config) -> jax.Array:
-    """The (d, V) output projection: lm_head, or the embedding transposed when the two are tied."""
-    return params.get("lm_head.weight", params["embed_tokens.weight"].T if config.tie_word_embeddings else None)
+    """The output projection as (V, d) rows, one per token: the embedding itself when the two are tied (no
+    copy), else lm_head (stored (d, V)) transposed."""
+    return params["embed_tokens.weight"] if config.tie_word_embeddings else params["lm_head.weight"].T
 
 
 def logits_from_hidden(normed: jax.Array, head: jax.Array) -> jax.Array:
-    """Final-normed hidden states (..., d) times the head (d, V) -> logits (..., V), in at least float32, at
-    the forward pass's matmul precision."""
+    """Final-normed hidden states (..., d) times the head rows (V, d) -> logits (..., V), in at least float32,
+    at the forward pass's matmul precision."""
     with _precision(head.dtype):
-        return jnp.einsum("...d,dv->...v", normed, head).astype(jnp.promote_types(head.dtype, jnp.float32))
+        return jnp.einsum("...d,vd->...v", normed, head).astype(jnp.promote_types(head.dtype, jnp.float32))
 
 
 def final_hidden(params: Params, tokens, config: Config, layer_ids=None, slot_scales=None, remat: bool = False):

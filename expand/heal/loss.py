@@ -33,10 +33,10 @@ def teacher_hidden(params: Params, tokens, config) -> jax.Array:
 
 def teacher_views(teacher: Model) -> Callable[[object], tuple[jax.Array, jax.Array]]:
     """view(tokens (B, T)) -> what the loss needs of the frozen teacher on those windows: its hidden states
-    (`teacher_hidden`) and its head (d', V), from which `token_terms` computes its logits a chunk at a
-    time. The head is made once here and shared by every view (for tied embeddings it is a transposed,
-    vocabulary-sized copy: 113 MB for SmolLM2)."""
-    head = jax.jit(head_weight, static_argnums=1)(teacher.params, teacher.config)
+    (`teacher_hidden`) and its head rows (V, d'), from which `token_terms` computes its logits a chunk at a
+    time. The head is made once here and shared by every view: the embedding itself when tied, a transposed
+    copy of lm_head otherwise."""
+    head = head_weight(teacher.params, teacher.config)
     return lambda tokens: (teacher_hidden(teacher.params, tokens, teacher.config), head)
 
 
