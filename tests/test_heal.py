@@ -15,12 +15,15 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import expand
 from expand.heal import HealDiverged, HealOptions, export, heal, make_student
 from expand.heal.loss import heal_loss, teacher_views
+from expand.heal.optimizer import clip_by_global_norm
 from expand.model import forward
 from expand.numerics import kl_divergence, next_token_nll
 from tests.helpers import random_tokens
@@ -106,6 +109,17 @@ def test_remat_computes_the_same_gradient(base, tokens):
     # to fp32 rounding accumulated through six layers and their transposes, not bit for bit
     for name, g in grads[False].items():
         np.testing.assert_allclose(grads[True][name], g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clips / does not clip
+def test_clipping_by_one_factor_equals_optax(max_norm):
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.normal(size=(30, 7)), jnp.float32), "b": jnp.asarray(rng.normal(size=5), jnp.float32)}
+    ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    assert float(optax.global_norm(grads)) > 0.5
+    for name in grads:  # u * (c / n) against (u / n) * c: one rounding apart at most
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=2e-7, atol=0, err_msg=name)
 
 
 def test_frozen_tensors_keep_their_bits(base, tokens):
