@@ -52,7 +52,7 @@ class HealOptions:
     keep: str = "best"
     checkpoint_every: int = 50
     remat: bool = False
-    loss_chunk: int = 256
+    loss_chunk: int = 128
 
     def loss_weights(self, has_teacher: bool) -> tuple[float, float]:
         """(weight of the LM cross-entropy, weight of the KL to the teacher) for a run with or without a
