@@ -9,7 +9,6 @@ from expand.generate import generate
 from expand.heal import HealOptions, heal
 from expand.io import CheckpointError, load, load_tokenizer, read_config, save
 from expand.model import forward
-from expand.nnx_view import Llama
 from expand.params import param_count
 from expand.provenance import Provenance
 from expand.surgery.grow import (apply_depth, depth_model, depth_to_disk, grow_to_disk, widen, widen_model,
@@ -26,3 +25,13 @@ __all__ = [
     "plan_from_recipe", "read_config", "save", "widen", "widen_model", "widen_to_disk", "grow_to_disk",
     "shipped_text", "token_batch", "with_identity", "with_slot_scale",
 ]
+
+
+def __getattr__(name: str):
+    """`Llama` (expand.nnx_view) is imported on first use: it imports flax.nnx (about 0.3 s), and every CLI
+    verb imports this package."""
+    if name != "Llama":
+        raise AttributeError(f"module 'expand' has no attribute {name!r}")
+    from expand.nnx_view import Llama
+
+    return Llama
