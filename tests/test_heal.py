@@ -318,6 +318,21 @@ def test_cli_heals_a_grown_model_into_a_plain_checkpoint(tmp_path, tiny_checkpoi
     assert "no run to continue" in capsys.readouterr().err
 
 
+def test_cli_names_an_evaluation_text_too_short_to_judge_on(tmp_path, capsys):
+    from expand.cli import main
+    from tests.helpers import make_hf_checkpoint
+    from tests.tiny_tokenizer import VOCAB_SIZE, save_tiny_tokenizer
+
+    model = save_tiny_tokenizer(make_hf_checkpoint(tmp_path / "model", vocab_size=VOCAB_SIZE))
+    (tmp_path / "empty.txt").write_text("")
+    args = ["heal", str(model), str(tmp_path / "out"), "--teacher", str(model), "--seq-len", "16", "--steps", "1",
+            "--eval-text", str(tmp_path / "empty.txt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--eval-text {tmp_path / 'empty.txt'}: the text has 0 tokens" in err and "--eval-sequences" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_cli_killed_mid_run_leaves_no_output_and_resumes_to_the_same_result(tmp_path, tiny_checkpoint):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}

@@ -55,7 +55,11 @@ def cmd_heal(args) -> int:
     tokens = eval_tokens(model, args)
     held_out = None
     if args.eval_text:
-        held_out = token_batch(model, read_texts(args.eval_text), args.seq_len, args.eval_sequences)
+        try:
+            held_out = token_batch(model, read_texts(args.eval_text), args.seq_len, args.eval_sequences)
+        except ValueError as e:
+            raise ValueError(f"--eval-text {' '.join(args.eval_text)}: {e} (--eval-sequences sets how many "
+                             "windows it is cut into, --seq-len their length)") from e
     result = heal(model, tokens, plan, teacher, options, checkpoints, resume=args.resume, eval_tokens=held_out)
     result.save(args.out, tokenizer_from=model, overwrite=overwrite, inputs=inputs)
     train, judged = result.windows["train"], result.windows["held_out"]
