@@ -15,11 +15,12 @@ dtype: W32 itself for a float32 run, else the cast copy W_d, beside which W32 st
 then). The peak is the largest of the three.
 
 `expand heal --teacher BASE` holds the student's float32 weights and AdamW state, the teacher's own copy
-of the weights, and runs the teacher's forward (its logits are an argument of the step) and the step:
+of the weights, and runs the teacher's forward (its final hidden states and its head rows, the embedding
+itself when tied, are arguments of the step) and the step:
 
     teacher forward:  student + optimizer state + F(teacher forward)
-    step:             F(step) (params, optimizer state, tokens and teacher logits in; new params and state
-                      out) + the teacher's weights
+    step:             F(step) (params, optimizer state, tokens, teacher hidden states and head in; new
+                      params and state out) + the teacher's weights
 
 Caveats: the figures are the compiler's for the platform it compiled for (XLA:CPU here unless an
 accelerator with enough devices is present); on GPU and TPU the temporaries differ (other fusions), the

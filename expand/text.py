@@ -63,6 +63,10 @@ def read_texts(paths) -> str:
     return "\n\n".join(texts)
 
 
+class TextTooShort(ValueError):
+    """A text that does not fill the token windows asked of it."""
+
+
 def token_batch(model, text: str | None, seq_len: int, num_sequences: int | None) -> np.ndarray:
     """(num_sequences, seq_len) token ids: consecutive windows of the tokenized text (default text if None);
     num_sequences=None: every full window. Refuses a text too short for the batch instead of padding it."""
@@ -75,7 +79,7 @@ def token_batch(model, text: str | None, seq_len: int, num_sequences: int | None
     fits = len(ids) // seq_len
     wanted = fits if num_sequences is None else num_sequences
     if wanted < 1 or fits < wanted:
-        raise ValueError(f"the text has {len(ids)} tokens, fewer than {max(wanted, 1)} x {seq_len}: give more text "
+        raise TextTooShort(f"the text has {len(ids)} tokens, fewer than {max(wanted, 1)} x {seq_len}: give more text "
                          f"or fewer or shorter sequences (it fills {fits} sequences of {seq_len} tokens)")
     return np.asarray(ids[:wanted * seq_len], np.int32).reshape(wanted, seq_len)
 

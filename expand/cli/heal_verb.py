@@ -19,6 +19,7 @@ from expand.cli.options import (
     non_negative_int,
     positive_float,
     positive_int,
+    text_windows,
     verb,
 )
 from expand.report import console
@@ -34,7 +35,6 @@ def objective(options, has_teacher: bool) -> str:
 def cmd_heal(args) -> int:
     from expand.heal import HealOptions, heal
     from expand.io.atomic import refuse_overlap
-    from expand.text import read_texts, token_batch
 
     options = HealOptions(steps=args.steps, lr=args.lr, warmup=args.warmup, decay_steps=args.decay_steps,
                           weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
@@ -55,11 +55,8 @@ def cmd_heal(args) -> int:
     tokens = eval_tokens(model, args)
     held_out = None
     if args.eval_text:
-        try:
-            held_out = token_batch(model, read_texts(args.eval_text), args.seq_len, args.eval_sequences)
-        except ValueError as e:
-            raise ValueError(f"--eval-text {' '.join(args.eval_text)}: {e} (--eval-sequences sets how many "
-                             "windows it is cut into, --seq-len their length)") from e
+        held_out = text_windows(model, args.eval_text, args.seq_len, args.eval_sequences, "--eval-text",
+                                "--eval-sequences")
     result = heal(model, tokens, plan, teacher, options, checkpoints, resume=args.resume, eval_tokens=held_out)
     result.save(args.out, tokenizer_from=model, overwrite=overwrite, inputs=inputs)
     train, judged = result.windows["train"], result.windows["held_out"]

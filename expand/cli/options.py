@@ -227,11 +227,24 @@ def load_on_mesh(path, args, dtype=jnp.float32):
 def eval_tokens(model, args):
     """The (sequences, length) eval batch of a verb with --text / --random-tokens / --seq-len /
     --num-sequences."""
-    from expand.text import random_batch, read_texts, token_batch
+    from expand.text import random_batch
 
     if args.random_tokens:
         return random_batch(model.config.vocab_size, args.seq_len, args.num_sequences or 4)
-    return token_batch(model, read_texts(args.text) if args.text else None, args.seq_len, args.num_sequences)
+    return text_windows(model, args.text, args.seq_len, args.num_sequences, "--text", "--num-sequences")
+
+
+def text_windows(model, paths, seq_len: int, count: int | None, option: str, count_option: str):
+    """`token_batch` of the texts an option names (None: the default text); a text too short for the
+    windows is refused naming that option and the flags that cut it."""
+    from expand.text import TextTooShort, read_texts, token_batch
+
+    try:
+        return token_batch(model, read_texts(paths) if paths else None, seq_len, count)
+    except TextTooShort as e:
+        named = f"{option} {' '.join(map(str, paths))}" if paths else f"the default text (no {option})"
+        raise TextTooShort(f"{named}: {e} ({count_option} sets how many windows it is cut into, --seq-len their "
+                           "length)") from e
 
 
 # ---- argv --------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def scale_layers(factors: np.ndarray) -> optax.GradientTransformation:
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm as one scalar: every update times min(1, max_norm / ||updates||_2). XLA fuses
     a multiply by a scalar into both of Adam's moment updates; optax's per-element divide is not fused
-    (division counts as expensive), so it materialized a clipped copy of every gradient (514 MB for SmolLM2)."""
+    (division counts as expensive), so it materialized a clipped copy of every gradient (538 MB for SmolLM2)."""
 
     def update(updates, state, params=None):
         norm = optax.global_norm(updates)
