@@ -35,19 +35,36 @@ def cache_dir(name: str) -> Path:
     return path
 
 
+def cpu_vector_extensions(flags: str) -> str:
+    """The widest x86 vector extensions named in /proc/cpuinfo's flags line, e.g. "AVX-512 (F, VNNI), FMA": the
+    matmul and softmax throughput of both JAX and PyTorch on a CPU depends on them; "" when none is named."""
+    names = set(flags.split())
+    found = []
+    if "avx512f" in names:
+        extra = [label for flag, label in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI")) if flag in names]
+        found.append("AVX-512 (" + ", ".join(["F", *extra]) + ")")
+    elif "avx2" in names:
+        found.append("AVX2")
+    elif "avx" in names:
+        found.append("AVX")
+    found += [label for flag, label in (("fma", "FMA"), ("amx_tile", "AMX")) if flag in names]
+    return ", ".join(found)
+
+
 def device_line() -> str:
-    """CPU model, core count, RAM, and the accelerator JAX sees."""
+    """CPU model, its vector extensions, core count, RAM, and the accelerator JAX sees."""
     import jax
 
-    cpu = platform.processor() or "cpu"
+    info = {}  # the first processor's fields
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name") or platform.processor() or "cpu"
+    vector = cpu_vector_extensions(info.get("flags", ""))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     accel = jax.devices()[0]
-    return (f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM; jax {jax.__version__} on "
-            f"{accel.platform}:{accel.device_kind}")
+    return (f"{cpu}{f' ({vector})' if vector else ''}, {os.cpu_count()} cores, {ram:.0f} GiB RAM; "
+            f"jax {jax.__version__} on {accel.platform}:{accel.device_kind}")
 
 
 def python_json(code: str):
