@@ -90,7 +90,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _linear(x, weight, bias, equation):
+def linear(x, weight, bias, equation):
+    """x contracted with weight by the einsum `equation` (e.g. "btd,dnh->btnh"), plus bias when not None."""
     y = jnp.einsum(equation, x, weight)
     return y if bias is None else y + bias
 
@@ -145,9 +146,9 @@ def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implemen
     cache_at = (slot, index): this step's first query sits at key position `index`. With a cache (k, v),
     each (N, B, m, S, h), k and v are written in place at [slot, :, :, index:index+T] and attention runs
     over that slot's S cache positions."""
-    q = _linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
-    k = _linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
-    v = _linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
+    q = linear(x, w["layers.self_attn.q_proj.weight"], w.get("layers.self_attn.q_proj.bias"), "btd,dnh->btnh")
+    k = linear(x, w["layers.self_attn.k_proj.weight"], w.get("layers.self_attn.k_proj.bias"), "btd,dmh->btmh")
+    v = linear(x, w["layers.self_attn.v_proj.weight"], w.get("layers.self_attn.v_proj.bias"), "btd,dmh->btmh")
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # kv-head-major (B, m, T, h)
     slot, index = cache_at
@@ -161,15 +162,15 @@ def attention(x, w, cos, sin, mask, kv_cache, cache_at, config: Config, implemen
     else:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
-    y = _linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
+    y = linear(out, w["layers.self_attn.o_proj.weight"], w.get("layers.self_attn.o_proj.bias"), "btnh,nhd->btd")
     return y, kv_cache
 
 
 def mlp(x, w):
     """SwiGLU: down(silu(x Wgate) * (x Wup)), x (B, T, d) -> (B, T, d) through f hidden units."""
-    gate = _linear(x, w["layers.mlp.gate_proj.weight"], w.get("layers.mlp.gate_proj.bias"), "btd,df->btf")
-    up = _linear(x, w["layers.mlp.up_proj.weight"], w.get("layers.mlp.up_proj.bias"), "btd,df->btf")
-    return _linear(jax.nn.silu(gate) * up, w["layers.mlp.down_proj.weight"], w.get("layers.mlp.down_proj.bias"),
+    gate = linear(x, w["layers.mlp.gate_proj.weight"], w.get("layers.mlp.gate_proj.bias"), "btd,df->btf")
+    up = linear(x, w["layers.mlp.up_proj.weight"], w.get("layers.mlp.up_proj.bias"), "btd,df->btf")
+    return linear(jax.nn.silu(gate) * up, w["layers.mlp.down_proj.weight"], w.get("layers.mlp.down_proj.bias"),
                    "btf,fd->btd")
 
 
@@ -184,7 +185,9 @@ def decoder_layer(h, w, cos, sin, mask, kv_cache, cache_at, config: Config, impl
     return h, kv_cache
 
 
-def _precision(dtype):
+def matmul_precision(dtype):
+    """A context in which matmuls of float32 and float64 inputs run at full precision ("highest": no
+    reduced-precision passes on backends that would otherwise take them); other dtypes keep the default."""
     if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
         return jax.default_matmul_precision("highest")
     return contextlib.nullcontext()
@@ -208,7 +211,7 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
     (`expand.sharding.constrain_batch`)."""
     embed = params["embed_tokens.weight"]
     dtype = embed.dtype
-    with _precision(dtype):
+    with matmul_precision(dtype):
         h = constrain_batch(embed[tokens] if resume is None else resume[1])
         cos, sin = rope_cos_sin(positions, config, dtype)
         num_keys = key_valid.shape[1]
@@ -247,7 +250,7 @@ def decoder(params: Params, tokens, positions, key_valid, config: Config, layer_
 def lm_head(params: Params, h, config: Config) -> jax.Array:
     """The final RMSNorm and the output projection: h (..., d) -> logits (..., V) in float32 (float64 for
     float64 params); the head is embed_tokens transposed when the embeddings are tied."""
-    with _precision(params["embed_tokens.weight"].dtype):
+    with matmul_precision(params["embed_tokens.weight"].dtype):
         normed = rms_norm(h, params["norm.weight"], config.rms_norm_eps)
     return logits_from_hidden(normed, head_weight(params, config))
 
@@ -261,7 +264,7 @@ def head_weight(params: Params, config: Config) -> jax.Array:
 def logits_from_hidden(normed: jax.Array, head: jax.Array) -> jax.Array:
     """Final-normed hidden states (..., d) times the head rows (V, d) -> logits (..., V), in at least float32,
     at the forward pass's matmul precision."""
-    with _precision(head.dtype):
+    with matmul_precision(head.dtype):
         return jnp.einsum("...d,vd->...v", normed, head).astype(jnp.promote_types(head.dtype, jnp.float32))
 
 
@@ -275,7 +278,7 @@ def final_hidden(params: Params, tokens, config: Config, layer_ids=None, slot_sc
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     h, _, _ = decoder(params, tokens, positions, jnp.ones((batch, length), bool), config, layer_ids,
                       slot_scales or {}, remat=remat)
-    with _precision(params["embed_tokens.weight"].dtype):
+    with matmul_precision(params["embed_tokens.weight"].dtype):
         return rms_norm(h, params["norm.weight"], config.rms_norm_eps)
 
 

@@ -41,7 +41,7 @@ def expand_parts(model, length: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from expand.model import _linear, _precision, attend, lm_head, mlp
+    from expand.model import attend, linear, lm_head, matmul_precision, mlp
 
     config, params = model.config, model.params
     n, m, h, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
@@ -55,16 +55,16 @@ def expand_parts(model, length: int) -> dict:
 
     def projections(x):
         def layer(carry, w):
-            with _precision(x.dtype):
-                qkv = [_linear(carry, w[f"layers.self_attn.{p}_proj.weight"], None, e)
+            with matmul_precision(x.dtype):
+                qkv = [linear(carry, w[f"layers.self_attn.{p}_proj.weight"], None, e)
                        for p, e in (("q", "btd,dnh->btnh"), ("k", "btd,dmh->btmh"), ("v", "btd,dmh->btmh"))]
-                o = _linear(qkv[0], w["layers.self_attn.o_proj.weight"], None, "btnh,nhd->btd")
+                o = linear(qkv[0], w["layers.self_attn.o_proj.weight"], None, "btnh,nhd->btd")
                 return carry, o + mlp(carry, w) + qkv[1].sum() + qkv[2].sum()
         return jax.lax.scan(layer, x, stacked)[1]
 
     def attention(q, k, v):  # a different q per layer, so that XLA cannot hoist the work out of the loop
         def layer(carry, q):
-            with _precision(q.dtype):
+            with matmul_precision(q.dtype):
                 return carry, attend(q, k, v, mask, h**-0.5, 0)
         return jax.lax.scan(layer, 0, q + jnp.arange(layers, dtype=q.dtype)[:, None, None, None, None])[1]
 
