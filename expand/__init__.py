@@ -35,3 +35,8 @@ def __getattr__(name: str):
     from expand.nnx_view import Llama
 
     return Llama
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily imported `Llama` included."""
+    return sorted(set(globals()) | {"Llama"})

@@ -85,3 +85,13 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["depth", "--help"])
     assert "stop is exclusive" in capsys.readouterr().out
+
+
+def test_the_command_line_does_not_import_flax_nnx_until_llama_is_asked_for():
+    """`expand.Llama` (flax.nnx) is imported on first use; it is still a listed name of the package."""
+    import subprocess
+    import sys
+
+    code = ("import sys, expand.cli, expand; assert 'flax.nnx' not in sys.modules; assert 'Llama' in dir(expand); "
+            "expand.Llama; assert 'flax.nnx' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
