@@ -264,13 +264,15 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(base, tokens, tmp_p
 
 @pytest.mark.parametrize("options, message", [
     (HealOptions(train="new"), "needs --shared decoupled"),
-    (HealOptions(train="some"), "train must be"),
-    (HealOptions(shared="linked"), "shared must be"),
-    (HealOptions(lr=0), "learning rate"),
+    (HealOptions(train="some"), r"train \(--train\) must be"),
+    (HealOptions(shared="linked"), r"shared \(--shared\) must be"),
+    (HealOptions(lr=0), r"lr \(--lr\), the learning rate, must be positive"),
     (HealOptions(gate_lr=1e-2), "needs gates=True"),
-    (HealOptions(keep="worst"), "keep must be"),
-    (HealOptions(held_out=1.0), "held_out is the fraction"),
-    (HealOptions(warmup=10, decay_steps=10), "decay_steps"),
+    (HealOptions(keep="worst"), r"keep \(--keep\) must be"),
+    (HealOptions(held_out=1.0), r"held_out \(--held-out\) is the fraction"),
+    (HealOptions(warmup=10, decay_steps=10), r"decay_steps \(--decay-steps\)"),
+    (HealOptions(eval_every=0, loss_chunk=0),
+     r"^eval_every \(--eval-every\), loss_chunk \(--loss-chunk\) must be at least 1$"),
     (HealOptions(lm_weight=0.0), "nothing to train on .without a teacher"),
 ])
 def test_bad_options(base, tokens, options, message):

@@ -64,26 +64,28 @@ class HealOptions:
     def validate(self, has_teacher: bool | None = None) -> None:
         """Refuse inconsistent options; has_teacher=None checks what does not depend on the teacher."""
         if self.shared not in ("virtual", "decoupled"):
-            raise ValueError(f"shared must be 'virtual' or 'decoupled', got {self.shared!r}")
+            raise ValueError(f"{named('shared')} must be 'virtual' or 'decoupled', got {self.shared!r}")
         if not (self.train in ("all", "new") or self.train.startswith("slots:")):
-            raise ValueError(f"train must be 'all', 'new' or 'slots:SPEC', got {self.train!r}")
+            raise ValueError(f"{named('train')} must be 'all', 'new' or 'slots:SPEC', got {self.train!r}")
         if self.keep not in KEEP:
-            raise ValueError(f"keep must be 'best' or 'last', got {self.keep!r}")
-        if min(self.steps, self.batch_size, self.checkpoint_every, self.eval_every, self.loss_chunk) < 1:
-            raise ValueError("steps, batch size, checkpoint and evaluation intervals and the loss chunk must be "
-                             "at least 1")
+            raise ValueError(f"{named('keep')} must be 'best' or 'last', got {self.keep!r}")
+        below_one = [named(n) for n in ("steps", "batch_size", "checkpoint_every", "eval_every", "loss_chunk")
+                     if getattr(self, n) < 1]
+        if below_one:
+            raise ValueError(f"{', '.join(below_one)} must be at least 1")
         if self.warmup < 0 or (self.decay_steps is not None and self.decay_steps <= self.warmup):
-            raise ValueError(f"warmup must be >= 0 and decay_steps (when given) above it; got warmup "
-                             f"{self.warmup}, decay_steps {self.decay_steps}")
+            raise ValueError(f"{named('warmup')} must be >= 0 and {named('decay_steps')} (when given) above it; "
+                             f"got warmup {self.warmup}, decay_steps {self.decay_steps}")
         if not 0 < self.held_out < 1:
-            raise ValueError(f"held_out is the fraction of windows set aside, in (0, 1); got {self.held_out}")
+            raise ValueError(f"{named('held_out')} is the fraction of windows set aside, in (0, 1); "
+                             f"got {self.held_out}")
         if (self.lm_weight is not None and self.lm_weight < 0) or self.distill_weight < 0:
             raise ValueError("the LM and distillation weights must be >= 0")
         if has_teacher is not None and sum(self.loss_weights(has_teacher)) == 0:
             raise ValueError("the LM and distillation weights are both 0: nothing to train on" +
                              ("" if has_teacher else " (without a teacher only the LM loss applies)"))
         if not self.lr > 0:
-            raise ValueError(f"the learning rate must be positive, got {self.lr}")
+            raise ValueError(f"{named('lr')}, the learning rate, must be positive, got {self.lr}")
         if self.gate_lr is not None and not (self.gates and self.gate_lr > 0):
             raise ValueError(f"gate_lr={self.gate_lr} needs gates=True (--gates) and a positive value")
 
@@ -94,6 +96,11 @@ class HealOptions:
 def cli_flag(name: str) -> str:
     """The `expand heal` option of a HealOptions field: lm_weight -> --lm-weight."""
     return "--" + name.replace("_", "-")
+
+
+def named(name: str) -> str:
+    """A field as an error message names it, for both callers: `held_out (--held-out)`."""
+    return f"{name} ({cli_flag(name)})"
 
 
 def flag_text(name: str, value) -> str:
