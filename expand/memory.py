@@ -61,7 +61,9 @@ class Compiled:
 
     @classmethod
     def of(cls, name: str, lowered) -> "Compiled":
-        stats = lowered.compile().memory_analysis()
+        """The analysis of a lowered function (jax.stages.Lowered), or of one already compiled."""
+        compiled = lowered.compile() if isinstance(lowered, jax.stages.Lowered) else lowered
+        stats = compiled.memory_analysis()
         return cls(name, stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.temp_size_in_bytes,
                    stats.alias_size_in_bytes)
 
@@ -169,23 +171,44 @@ def heal_estimate(config: Config, mesh: Mesh, mesh_text: str, tokens: tuple[int,
     """The peak of `expand heal --teacher BASE` (float32, the plan's duplicated slots sharing their weights)
     on this mesh (module docstring)."""
     with jax.set_mesh(mesh):
-        step, student, opt_state = _lower_heal_step(config, mesh, tokens, plan)
+        teacher_params = abstract_params(config, mesh, jnp.float32)
+        view = _lower_teacher_view(config, mesh, tokens).compile()
+        # the step's teacher arguments placed as in a real run: the view's hidden states where XLA put them
+        hidden = jax.ShapeDtypeStruct((tokens[0], tokens[1] - 1, config.hidden_size), jnp.float32,
+                                      sharding=view.output_shardings)
+        head = _teacher_head(config, teacher_params)
+        step, student, opt_state = _lower_heal_step(config, mesh, tokens, plan, (hidden, head))
         step = Compiled.of("heal step", step)
-        teacher = Compiled.of("teacher view", _lower_teacher_view(config, mesh, tokens))
-        weights = bytes_per_device(abstract_params(config, mesh, jnp.float32))
+        teacher = Compiled.of("teacher view", view)
+        weights = bytes_per_device(teacher_params)
         state = bytes_per_device(opt_state)
+    # a tied head is the teacher's embedding: an argument of the step that the teacher's weights already hold
+    shared_head = bytes_per_device(head) if config.tie_word_embeddings else 0
     stages = {"teacher view": bytes_per_device(student) + state + teacher.total,
-              "step": step.total + weights}
+              "step": step.total + weights - shared_head}
     hand = {"weights fp32 (student)": bytes_per_device(student), "AdamW state": state, "teacher weights fp32": weights,
-            "teacher hidden states (B, T - 1, d)": int(tokens[0] * (tokens[1] - 1) / data_parallel(mesh)
-                                                       * config.hidden_size * 4)}
+            "teacher hidden states (B, T - 1, d)": bytes_per_device(hidden)}
     return Estimate("heal", mesh_text, _devices(mesh), tokens, "fp32", [teacher, step], stages, hand)
 
 
-def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: LayerPlan | None):
+def _teacher_head(config: Config, teacher_params: dict) -> jax.ShapeDtypeStruct:
+    """The teacher's head rows (V, d) as `expand.heal.loss.teacher_views` passes them to the step, placed as
+    in a real run: the embedding itself when tied, else lm_head's transpose, split over lm_head's axes
+    swapped."""
+    if config.tie_word_embeddings:
+        return teacher_params["embed_tokens.weight"]
+    lm_head = teacher_params["lm_head.weight"]
+    rows, columns = (tuple(lm_head.sharding.spec) + (None, None))[:2]  # lm_head is (d, V)
+    sharding = NamedSharding(lm_head.sharding.mesh, PartitionSpec(columns, rows))
+    return jax.ShapeDtypeStruct(lm_head.shape[::-1], lm_head.dtype, sharding=sharding)
+
+
+def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: LayerPlan | None,
+                     teacher: tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]):
     """(the heal step lowered on abstract arguments, the student's abstract params, the abstract optimizer
     state): `expand.heal`'s own student, optimizer and step, with default options (no plan: the model as it
-    is, each layer once)."""
+    is, each layer once), on the teacher's (hidden states (B, T - 1, d), head rows (V, d)) of
+    `expand.heal.loss.teacher_views`."""
     from expand.ablate.sweeps import plan_of
     from expand.container import Model
     from expand.heal import HealOptions
@@ -200,8 +223,6 @@ def _lower_heal_step(config: Config, mesh: Mesh, tokens: tuple[int, int], plan: 
     opt_state = jax.tree_util.tree_map_with_path(lambda path, x: _like_param(path, x, student.params, mesh),
                                                  jax.eval_shape(optimizer.init, student.params))
     step = make_step(student, optimizer, options)
-    teacher = (_batch(mesh, (tokens[0], tokens[1] - 1, config.hidden_size), jnp.float32),
-               _replicated(mesh, (config.vocab_size, config.hidden_size), jnp.float32))  # `teacher_views`
     return (step.lower(student.params, opt_state, _batch(mesh, tokens, jnp.int32), teacher), student.params,
             opt_state)
 

@@ -52,9 +52,13 @@ def test_memory_options_need_memory(checkpoint):
     assert done.returncode == 2 and "go with --memory" in done.stderr
 
 
-def test_show_memory_of_a_heal_step(checkpoint, tmp_path):
-    """--memory heal compiles heal's own step and teacher view on abstract shapes: the student's weights and
-    AdamW state are arguments of the step, and the peak is the larger of the two stages."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_show_memory_of_a_heal_step_equals_the_real_step(tmp_path, tied):
+    """--memory heal compiles heal's own step and teacher view on abstract shapes: its step has the memory
+    analysis of the step `expand.heal` compiles from real weights on the same mesh (the teacher's head rows
+    placed as the real ones are: a tied head is the sharded embedding), the student's weights and AdamW
+    state among its arguments; the step's stage counts a tied head once; the peak is the larger stage."""
+    checkpoint = make_hf_checkpoint(tmp_path / "model", num_key_value_heads=4, tie_word_embeddings=tied)
     config_only = tmp_path / "config-only"
     config_only.mkdir()
     (config_only / "config.json").write_text((checkpoint / "config.json").read_text())
@@ -63,6 +67,16 @@ def test_show_memory_of_a_heal_step(checkpoint, tmp_path):
     assert shown.returncode == 0, shown.stderr[-3000:]
     estimate = json.loads(shown.stdout)["memory"]
     step = next(c for c in estimate["compiled"] if c["name"] == "heal step")
+    real = run("-m", "tests.memory_run", str(checkpoint), "fsdp=2,tp=4", "0:3,1:", "4", "32", "heal")
+    assert real.returncode == 0, real.stderr[-3000:]
+    out = json.loads(real.stdout.strip().splitlines()[-1])
+    print(step, out)
+    for key in ("arguments", "outputs", "temporaries"):
+        assert step[key] == out["analysis"][key], key
     hand = estimate["hand"]
     assert step["arguments"] >= hand["weights fp32 (student)"] + hand["AdamW state"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    head_shard = config["vocab_size"] * config["hidden_size"] * 4 // 8  # split over fsdp=2 x tp=4
+    assert estimate["stages"]["step"] == (step["arguments"] + step["outputs"] + step["temporaries"] - step["aliased"]
+                                          + hand["teacher weights fp32"] - (head_shard if tied else 0))
     assert estimate["peak_bytes_per_device"] == max(estimate["stages"].values())
