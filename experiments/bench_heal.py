@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    from experiments.benchlib import RESULTS, device_line, python_json, write_results
+    from experiments.benchlib import RESULTS, python_json, write_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", type=Path, help="a checkout of the code to compare with (e.g. 843b80c)")

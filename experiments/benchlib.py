@@ -123,10 +123,24 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` whole: a run killed while writing leaves the file it replaces, never a part of either."""
+    from expand.io.atomic import atomic_file
+
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A results JSON (indented, newline-terminated), written whole (`replace_file`)."""
+    replace_file(path, json.dumps(data, indent=2) + "\n")
+
+
 def write_results(name: str, results: dict, text: str) -> None:
-    """results/<name>.json and .txt, each with the whole run's wall time (`run_wall_s`, s)."""
+    """results/<name>.json and .txt, each with the whole run's wall time (`run_wall_s`, s), each written
+    whole."""
     wall = round(time.monotonic() - STARTED, 1)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({**results, "run_wall_s": wall}, indent=2) + "\n")
-    (RESULTS / f"{name}.txt").write_text(f"{text}\nwhole run: {wall} s\n")
+    write_json(RESULTS / f"{name}.json", {**results, "run_wall_s": wall})
+    replace_file(RESULTS / f"{name}.txt", f"{text}\nwhole run: {wall} s\n")
     print(f"wrote {RESULTS / name}.json and .txt")

@@ -33,6 +33,7 @@ from expand.ablate import ablate, plot_pruning, spearman
 from expand.ablate.spread import correlation_intervals, window_draws
 from expand.io.atomic import atomic_dir
 from expand.text import shipped_text, text_sha256, token_batch
+from experiments.benchlib import write_json
 
 HERE = Path(__file__).parent
 TEXT = "python-reference"
@@ -148,7 +149,7 @@ def main(names: list[str]) -> None:
                                   "load_average_1min": {"start": round(load, 2),
                                                         "end": round(os.getloadavg()[0], 2)},
                                   "cpu_count": os.cpu_count()}
-        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(summary_file, summary)
         print(f"{name}: done in {summary[name]['wall_s']} s", flush=True)
 
 

@@ -33,6 +33,7 @@ from expand.model import lm_loss
 from expand.params import init_params, tensor_specs
 from expand.surgery.width import AxisMap, new_positions, width_plan
 from expand.text import DEFAULT_TEXT, shipped_text, text_sha256, token_batch
+from experiments.benchlib import write_json
 
 HERE = Path(__file__).parent
 TARGET = dict(hidden_size=960, num_attention_heads=15, num_key_value_heads=5, intermediate_size=2560)
@@ -96,7 +97,7 @@ def main(names: list[str]) -> None:
             "load_average_1min": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)},
         }]
         results["variants"] = sorted(done, key=lambda v: order.index(v["name"]))
-        (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(HERE / "results.json", results)
         print(f"{name:45s} max|dlogit| {report.max_abs_logit_delta:9.2e} KL {report.mean_kl:8.2e} "
               f"top-1 {report.top1_agreement:6.1%} {report.verdict}; all-zero-gradient new blocks: "
               f"{[k for k, v in zero.items() if v == 1.0]}", flush=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from expand.io.embedded import cache_dir
 from expand.text import shipped_text, text_sha256
+from experiments.benchlib import write_json
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -58,7 +59,7 @@ def main() -> None:
                                                for name in ("expand-docs", "python-reference")},
                "check_python_reference": {"before": {k: before[k] for k in keys}, "after": {k: after[k] for k in keys}},
                "heal_history": history, "device": "CPU, 2 cores (no GPU lent)"}
-    (HERE / "cli_heal.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(HERE / "cli_heal.json", results)
     shutil.rmtree(work)
     print(f"python-reference, mean KL to the base: {before['mean_kl']:.4f} -> {after['mean_kl']:.4f}; top-1 "
           f"{before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}")

@@ -73,5 +73,3 @@ def load_results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_results(path: Path, results: dict) -> None:
-    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -26,7 +26,8 @@ import numpy as np
 import expand
 from expand.io.embedded import cache_dir
 from expand.surgery.grow import widen_model
-from experiments.healing.common import HERE, SEEDS, compare, data, load_results, run, settings, texts, write_results
+from experiments.benchlib import write_json
+from experiments.healing.common import HERE, SEEDS, compare, data, load_results, run, settings, texts
 
 STEPS = 30
 OPTIONS = dict(steps=STEPS, batch_size=2, eval_every=10, checkpoint_every=STEPS)
@@ -168,7 +169,7 @@ def main(names: list[str]) -> None:
     for name in names or list(STUDIES):
         start = time.perf_counter()
         results[name] = {**STUDIES[name](base, train, held_out), "wall_s": round(time.perf_counter() - start)}
-        write_results(results_file, results)
+        write_json(results_file, results)
         plot(results, HERE / "loss_curves.png")
 
 

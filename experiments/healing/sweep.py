@@ -24,7 +24,8 @@ import expand
 from expand.heal import HealOptions
 from expand.io.embedded import cache_dir
 from expand.text import default_text, shipped_text, text_sha256, token_batch
-from experiments.healing.common import HERE, TEXT, compare, load_results, run, settings, write_results
+from experiments.benchlib import write_json
+from experiments.healing.common import HERE, TEXT, compare, load_results, run, settings
 
 STEPS = 30
 BASE_OPTIONS = dict(steps=STEPS, batch_size=2, eval_every=10, checkpoint_every=STEPS)
@@ -66,7 +67,7 @@ def main() -> None:
             record, _ = run(name_of(options), base, plan, train, held_out, base, {**BASE_OPTIONS, **options}, seed)
         runs.append(record)
         results["runs"] = runs
-        write_results(path, results)
+        write_json(path, results)
         return record
 
     stage_lr = [trial({"lr": lr, "warmup": 5}) for lr in LRS]
@@ -88,7 +89,7 @@ def main() -> None:
         comparisons=[compare(summary, best, second, k) for k in ("kl", "top1")] +
                     [compare(summary, best, lm_one, k) for k in ("kl", "top1", "lm")],
         wall_s=round(time.perf_counter() - start))
-    write_results(path, results)
+    write_json(path, results)
     plot(results, HERE / "sweep.png")
 
 
