@@ -22,10 +22,16 @@ import numpy as np
 from expand.config import Config
 from expand.distributed import to_host
 from expand.model import TRACE_COUNTS, decoder, default_layer_ids, lm_head
-from expand.params import Params
+from expand.params import Params, nonfinite_tensors
 
 # Tokens per compiled decoding call: the granularity of streaming and of stopping at EOS on the host.
 CHUNK = 16
+# What the device returns instead of a token for a row whose logits are not finite (never a token id).
+NONFINITE = -1
+
+
+class NonFiniteLogits(ValueError):
+    """A row's logits were NaN or inf: generation stops rather than emit a token chosen from them."""
 
 
 def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -45,12 +51,14 @@ def sample_next(logits: jax.Array, key: jax.Array, temperature: float, top_p: fl
 def _next_tokens(params, tokens, positions, key_valid, kv_cache, cache_index, rng, config, layer_ids, slot_scales,
                  temperature, top_p):
     """Run tokens (B, T) at positions (B, T) into cache positions [cache_index, cache_index + T) and sample
-    one token per row from the last position's logits. Returns tokens (B,) int32, the cache, the rng."""
+    one token per row from the last position's logits. Returns tokens (B,) int32 (NONFINITE for a row whose
+    logits are not all finite: nothing can be sampled from them), the cache, the rng."""
     h, kv_cache, _ = decoder(params, tokens, positions, key_valid, config, layer_ids, slot_scales,
                              kv_cache=kv_cache, cache_index=cache_index)
     rng, key = jax.random.split(rng)
-    chosen = sample_next(lm_head(params, h[:, -1:], config)[:, 0], key, temperature, top_p)
-    return chosen.astype(jnp.int32), kv_cache, rng
+    logits = lm_head(params, h[:, -1:], config)[:, 0]
+    chosen = sample_next(logits, key, temperature, top_p).astype(jnp.int32)
+    return jnp.where(jnp.isfinite(logits).all(axis=-1), chosen, NONFINITE), kv_cache, rng
 
 
 @partial(jax.jit, static_argnames=("config", "temperature", "top_p"), donate_argnames=("kv_cache",))
@@ -68,7 +76,7 @@ def _decode(params, tokens, positions, done, key_valid, kv_cache, cache_index, r
             layer_ids, slot_scales, temperature, top_p):
     """Up to num_steps (<= CHUNK) decoding steps in one loop. Step i runs tokens (B,) at positions + i into
     cache position cache_index + i and samples the next tokens; done (B,) marks rows that have produced an
-    EOS token (one of eos (E,)), and the loop ends early when every row has.
+    EOS token (one of eos (E,)) or NONFINITE, and the loop ends early when every row has.
 
     Returns the chosen tokens (B, CHUNK) (the first `steps` columns are valid), steps, the last tokens
     (B,), the cache and the rng."""
@@ -84,12 +92,21 @@ def _decode(params, tokens, positions, done, key_valid, kv_cache, cache_index, r
                                              kv_cache, cache_index + step, rng, config, layer_ids, slot_scales,
                                              temperature, top_p)
         chosen = jax.lax.dynamic_update_slice_in_dim(chosen, tokens[:, None], step, axis=1)
-        return step + 1, chosen, tokens, done | jnp.isin(tokens, eos), kv_cache, rng
+        return step + 1, chosen, tokens, done | jnp.isin(tokens, eos) | (tokens == NONFINITE), kv_cache, rng
 
     chosen = jnp.zeros((tokens.shape[0], CHUNK), jnp.int32)
     state = (jnp.int32(0), chosen, tokens, done, kv_cache, rng)
     steps, chosen, tokens, _, kv_cache, rng = jax.lax.while_loop(running, one_step, state)
     return chosen, steps, tokens, kv_cache, rng
+
+
+def nonfinite_message(params: Params, row: int, new_token: int) -> str:
+    """Why new token `new_token` of prompt `row` cannot be chosen: the weights that hold NaN or inf, or, when
+    every weight is finite, an overflow of the activations."""
+    bad = nonfinite_tensors(params)
+    cause = (f"the weights hold NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else
+             "the weights are finite, so the activations overflow in this dtype (`expand check` shows the slot)")
+    return f"the logits for new token {new_token} of prompt {row} are NaN or inf, so no token can be chosen: {cause}"
 
 
 def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -104,7 +121,9 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
     Prompts are left-padded to one length; every slot keeps its own KV cache (N, B, m, S, h), also when
     two slots share weights. `on_token(row, token)` is called for each chosen token, in order, as each
     chunk of up to CHUNK tokens arrives from the device (for streaming).
-    Returns the new tokens of each row, without the EOS token."""
+    Returns the new tokens of each row, without the EOS token. Raises ValueError when the prompt and the new
+    tokens do not fit in the model's context window (max_position_embeddings), and NonFiniteLogits (a
+    ValueError) when a row's logits are NaN or inf."""
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
         return outputs
@@ -113,6 +132,11 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
     eos_ids = sorted(set(config.eos_token_ids if eos_token_ids is None else eos_token_ids))
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(f"a prompt of {prompt_len} tokens and {max_new_tokens} new tokens take {total} positions, "
+                         f"more than the model's context window (max_position_embeddings = "
+                         f"{config.max_position_embeddings}): ask for at most "
+                         f"{max(config.max_position_embeddings - prompt_len, 0)} new tokens (--max-new-tokens)")
     dtype = params["embed_tokens.weight"].dtype
 
     pad = config.pad_token_id if config.pad_token_id is not None else 0
@@ -140,6 +164,8 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
             for row, token in enumerate(column):
                 if done[row]:
                     continue
+                if token == NONFINITE:
+                    raise NonFiniteLogits(nonfinite_message(params, row, len(outputs[row]) + 1))
                 if token in eos_ids:
                     done[row] = True
                     continue

@@ -95,3 +95,23 @@ def test_the_command_line_does_not_import_flax_nnx_until_llama_is_asked_for():
     code = ("import sys, expand.cli, expand; assert 'flax.nnx' not in sys.modules; assert 'Llama' in dir(expand); "
             "expand.Llama; assert 'flax.nnx' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_refuses_nan_weights_and_a_run_past_the_context_window(tmp_path, capsys):
+    """A model whose logits are NaN is exit 2 naming the NaN tensor (not an empty answer and exit 0); more
+    new tokens than the context window holds is exit 2 naming --max-new-tokens (not an allocation error)."""
+    from safetensors.numpy import load_file, save_file
+
+    from tests.helpers import make_hf_checkpoint
+    from tests.tiny_tokenizer import VOCAB_SIZE, save_tiny_tokenizer
+
+    model = save_tiny_tokenizer(make_hf_checkpoint(tmp_path / "model", vocab_size=VOCAB_SIZE))
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.nan)
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    assert main(["generate", str(broken), "--prompt", "hi", "--raw", "--max-new-tokens", "5"]) == 2
+    assert "NaN or inf (norm.weight)" in capsys.readouterr().err
+    assert main(["generate", str(model), "--prompt", "hi", "--raw", "--max-new-tokens", "1000000000"]) == 2
+    assert "context window (max_position_embeddings = 2048)" in capsys.readouterr().err

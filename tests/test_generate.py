@@ -112,3 +112,33 @@ def test_a_stop_callback_ends_a_row_and_decoding_ends_when_every_row_has(tiny_ch
     assert [len(t) for t in stopped] == [3, 20, 1]
     assert all(s == f[:len(s)] for s, f in zip(stopped, full))
     assert asked.count(2) == 1
+
+
+def test_non_finite_logits_stop_generation_with_the_row_and_token(tiny_checkpoint):
+    """A row whose logits turn NaN is an error naming the prompt, the new token and the weights that hold NaN,
+    at the prompt (prefill) and mid-decoding (the embedding row of the first generated token is NaN: the
+    second step's logits are), never a token chosen from NaN."""
+    import pytest
+
+    from expand.generate import NonFiniteLogits
+
+    config, params = expand.load(tiny_checkpoint)
+    assert not config.tie_word_embeddings  # a NaN embedding row leaves the head, and so the prompt's logits, finite
+    prompt = random_tokens(256, (7,), seed=6).tolist()
+    first = expand.generate(params, config, [prompt], 1, eos_token_ids=[])[0][0]
+    poisoned = {**params, "embed_tokens.weight": params["embed_tokens.weight"].at[first].set(np.nan)}
+    with pytest.raises(NonFiniteLogits, match="the logits for new token 2 of prompt 0 are NaN or inf.*embed_tokens.weight"):
+        expand.generate(poisoned, config, [prompt], 20, eos_token_ids=[])
+    broken = {**params, "norm.weight": params["norm.weight"] * np.nan}
+    with pytest.raises(NonFiniteLogits, match="the logits for new token 1 of prompt 0 are NaN or inf.*weights hold NaN or inf .norm.weight."):
+        expand.generate(broken, config, [prompt, prompt[:3]], 5, eos_token_ids=[])
+
+
+def test_generation_past_the_context_window_is_refused(tiny_checkpoint):
+    import pytest
+
+    config, params = expand.load(tiny_checkpoint)
+    prompt = random_tokens(256, (10,), seed=7).tolist()
+    limit = config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"more than the model's context window .* at most {limit - 10} new tokens"):
+        expand.generate(params, config, [prompt], limit - 9, eos_token_ids=[])
