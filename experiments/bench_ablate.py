@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from experiments.benchlib import cache_dir, run_measured, write_results
+from experiments.benchlib import add_repeats_option, cache_dir, run_measured, write_results
 
 ROOT = Path(__file__).parents[1]
 FIXED_COST_TARGET = 1.5  # per-variant fixed cost / bare lm_head matmul
@@ -182,7 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-sequences", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=7, help="alternate timings of the fixed cost and the matmul")
+    add_repeats_option(parser, 7, "alternate timings of the fixed cost and the matmul")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

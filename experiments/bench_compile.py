@@ -15,7 +15,8 @@ program holds the forward, the backward through the scan, the KL and the AdamW u
 is `expand.generate._decode` (CHUNK steps of forward + sampling, the slot scan nested in the token loop).
 Each point is the median of `--repeats` fresh compilations (JAX's caches cleared before each; the depths
 taken in turn, after one warm-up compilation of each), with the number of instructions in the optimized
-HLO. Flat means compile(400) / compile(30) <= 1.3.
+HLO. Flat means compile(400) / compile(30) <= 1.3 for every program and way; the run exits 1 (after
+writing its results) when one is not.
 
     python -m experiments.bench_compile [--repeats 3]
 
@@ -27,14 +28,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from experiments.benchlib import RESULTS, device_line, write_results
+from experiments.benchlib import RESULTS, add_repeats_option, device_line, write_results
 
 SLOTS = [30, 60, 140, 400]
+FLAT = 1.3  # the largest compile(400) / compile(30) called flat
 STORED_FOR_VIRTUAL = 30
 TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=256, hidden_size=64,
             intermediate_size=128, num_hidden_layers=STORED_FOR_VIRTUAL, num_attention_heads=4,
@@ -167,7 +170,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="fresh compilations per point (default: 3)")
+    add_repeats_option(parser, 3, "fresh compilations per point")
     args = parser.parse_args()
     import jax
 
@@ -202,8 +205,15 @@ def main() -> None:
               f"(hidden 64, vocab 256), batch {BATCH} x {LENGTH}; stored = N-layer model, virtual = 30-layer "
               f"model through an N-slot plan; load average {results['load_average']['start']} at start, "
               f"{results['load_average']['end']} at end", ""]
+    worst = max(points["ratio_last_to_first"] for series in results["programs"].values() for points in series.values())
+    results["flat"] = worst <= FLAT
+    lines += ["", f"largest {SLOTS[-1]}/{SLOTS[0]} ratio {worst:.2f}x: "
+                  f"{'flat' if results['flat'] else 'NOT flat'} (flat means <= {FLAT}x)"]
+    print(lines[-1])
     write_results("bench_compile", results, "\n".join(header + lines))
     plot(results, RESULTS / "bench_compile.png")
+    if not results["flat"]:
+        sys.exit(f"error: compile time grows with depth: {worst:.2f}x from {SLOTS[0]} to {SLOTS[-1]} slots")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from experiments.benchlib import (alternating, cache_dir, load_average, python_json, run_measured, spread,
-                                  write_results)
+from experiments.benchlib import (add_repeats_option, alternating, cache_dir, load_average, python_json,
+                                  run_measured, spread, write_results)
 
 MERGEKIT = "mergekit==0.1.5"
 RECIPES = Path(__file__).parent / "recipes"
@@ -112,7 +112,7 @@ def output_facts(directory: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=REPEATS)
+    add_repeats_option(parser, REPEATS, "rounds, each tool once per round")
     args = parser.parse_args()
     mergekit = mergekit_venv()
     work = cache_dir("depth-outputs")

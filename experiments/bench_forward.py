@@ -10,9 +10,12 @@ Each side is called once first (expand's first call includes its compilation, re
 `first call`), then the two sides alternate for `--repeats` rounds, the order flipping every round (E T,
 T E, E T, ...) so that a slow spell of the machine falls on both. Each row reports the median and range
 of the repeats and the ratio of medians transformers / expand (> 1: expand is faster). The load average
-at the start and end of the run says how quiet the machine was; a decode row also says how many greedy
-tokens the two sides agree on (fp32 rounding decides near-ties differently after a while). After the
-first call expand must not compile again: the run fails if it does.
+at the start and end of the run is recorded, and each row states the largest share of the machine's CPU
+that other processes took during one of its timed calls (`benchlib.timed_call`, from /proc/stat); above
+`benchlib.QUIET_SHARE` (10%) the run stops without writing (PyTorch's threads lose far more than XLA's
+to a busy core, so a busy spell inflates the ratios). A decode row also says how many greedy tokens the
+two sides agree on (fp32 rounding decides near-ties differently after a while). After the first call
+expand must not compile again: the run fails if it does.
 
     python -m experiments.bench_forward [--repeats 5] [--rows prefill-1x512,decode-8]
 
@@ -27,13 +30,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 import expand
-from experiments.benchlib import device_line, write_results
+from experiments.benchlib import add_repeats_option, device_line, refuse_busy_run, timed_call, write_results
 
 PREFILL = [(1, 512), (4, 512), (1, 2048)]
 DECODE = [1, 8]
@@ -52,23 +54,21 @@ def torch_model(model, dtype=None):
         return AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype or torch.float32).eval()
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def alternate(sides: dict, repeats: int) -> dict[str, dict]:
-    """`repeats` rounds calling every side, the order flipping each round; the times (s) and their median
-    and range per side."""
-    out = {name: {"times_s": []} for name in sides}
+    """`repeats` rounds calling every side, the order flipping each round; per side the times (s), their
+    median and range, and the largest share of the machine's CPU that other processes took during one of its
+    calls (`benchlib.timed_call`)."""
+    out = {name: {"times_s": [], "other_cpu": []} for name in sides}
     names = list(sides)
     for round_ in range(repeats):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            out[name]["times_s"].append(seconds(sides[name]))
+            wall, others = timed_call(sides[name])
+            out[name]["times_s"].append(wall)
+            out[name]["other_cpu"].append(others)
     for side in out.values():
         times = side["times_s"]
-        side.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times))
+        side.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                    max_other_cpu=max(side.pop("other_cpu")))
     return out
 
 
@@ -132,7 +132,7 @@ def run_row(name: str, model, reference, repeats: int) -> dict:
         row = {"row": f"decode {batch} x {NEW_TOKENS}", "batch": batch, "prompt_length": PROMPT_LEN,
                "new_tokens": NEW_TOKENS}
     traces = sum(TRACE_COUNTS.values())
-    first_calls = {name: seconds(fn) for name, fn in sides.items()}  # expand's compiles
+    first_calls = {name: timed_call(fn)[0] for name, fn in sides.items()}  # expand's compiles
     compiled = sum(TRACE_COUNTS.values())
     times = alternate(sides, repeats)
     if sum(TRACE_COUNTS.values()) != compiled:
@@ -146,6 +146,7 @@ def run_row(name: str, model, reference, repeats: int) -> dict:
     for side in ("expand", "transformers"):
         row[f"{side}_tokens_per_s"] = round(tokens / times[side]["median_s"], 1)
     row["ratio"] = round(times["transformers"]["median_s"] / times["expand"]["median_s"], 3)
+    row["max_other_cpu"] = round(max(side["max_other_cpu"] for side in times.values()), 3)
     if kind == "prefill":
         row["expand_gflops"] = round(tokens * 2 * expand.param_count(model.config) / times["expand"]["median_s"] / 1e9, 1)
     else:
@@ -161,19 +162,20 @@ def row_line(row: dict) -> str:
     return (f"{row['row']:<17} expand {e['median_s']:7.3f} s [{e['min_s']:.3f}-{e['max_s']:.3f}] "
             f"{row['expand_tokens_per_s']:7.1f} {unit} | transformers {t['median_s']:7.3f} s "
             f"[{t['min_s']:.3f}-{t['max_s']:.3f}] {row['transformers_tokens_per_s']:7.1f} {unit} | "
-            f"ratio {row['ratio']:.2f}x | expand first call {e['first_call_s']:.2f} s{extra}")
+            f"ratio {row['ratio']:.2f}x | expand first call {e['first_call_s']:.2f} s{extra}; other processes "
+            f"<= {row['max_other_cpu']:.0%} of the CPU")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds per row (default: 5)")
+    add_repeats_option(parser, 5, "alternating rounds per row")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS} (default: all; "
                         "a subset is printed, not written)")
     args = parser.parse_args()
     rows = args.rows.split(",")
     unknown = sorted(set(rows) - set(ROWS))
-    if unknown or args.repeats < 3:
-        sys.exit(f"error: unknown rows {unknown} (choose from {ROWS})" if unknown else "error: --repeats must be >= 3")
+    if unknown:
+        parser.error(f"--rows: unknown rows {unknown} (choose from {ROWS})")
     import jax
     import torch
 
@@ -194,10 +196,11 @@ def main() -> None:
              f"transformers time / expand time (> 1: expand faster); load average (1, 5, 15 min) "
              f"{load['start']} at start, {load['end']} at end", ""]
     lines += [row_line(row) for row in results["rows"]]
+    if rows != ROWS:
+        print("\n".join(lines[:2]))
+    refuse_busy_run({row["row"]: row["max_other_cpu"] for row in results["rows"]})
     if rows == ROWS:
         write_results("bench_forward_cpu", results, "\n".join(lines))
-    else:
-        print("\n".join(lines[:2]))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ from pathlib import Path
 import yaml
 
 from experiments.bench_depth import MERGEKIT, mergekit_venv
-from experiments.benchlib import (alternating, cache_dir, load_average, python_json, run_measured, spread,
-                                  write_results)
+from experiments.benchlib import (add_repeats_option, alternating, cache_dir, load_average, python_json,
+                                  run_measured, spread, write_results)
 
 CONFIG = Path(__file__).parent / "configs" / "llama-3.2-3b"
 REPEATS = 3
@@ -139,7 +139,7 @@ def cold_synced(command: list[str], out: Path, keep: bool = False, same_as: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=REPEATS)
+    add_repeats_option(parser, REPEATS, "rounds, each tool once per round")
     args = parser.parse_args()
     source = cache_dir("scale-source") / "llama-3.2-3b-shape-random-bf16"
     python_json(f"from experiments import bench_scale; bench_scale.prepare_source({str(source)!r})")

@@ -8,9 +8,11 @@ neither jax nor expand, and does its own heavy work in child processes (`python_
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -121,6 +123,58 @@ def spread(values: list[float]) -> dict:
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages (the machine may be shared: timings are only as quiet as it)."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+# A timed call is taken as quiet when other processes used at most this fraction of the machine's CPU time
+# during it (PyTorch's threads slow down far more than XLA's when a core is taken: a busy spell skews ratios).
+QUIET_SHARE = 0.10
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine (this one included) has run so far: /proc/stat's user, nice,
+    system, irq, softirq and steal (time the hypervisor gave to another guest) summed over its CPUs."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has run so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_call(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds of fn(), the share of the machine's CPU time other processes used meanwhile: their CPU
+    seconds / (wall seconds x CPUs), 0 on a quiet machine; /proc/stat counts in ticks of 1/100 s)."""
+    busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - start
+    others = (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)
+    return wall, max(others, 0.0) / (wall * (os.cpu_count() or 1))
+
+
+def refuse_busy_run(shares: dict[str, float]) -> None:
+    """Exit (status 1, before anything is written) when, during some timed call, other processes took more
+    than QUIET_SHARE of the CPU: shares maps a row to the largest share seen during its calls."""
+    name, share = max(shares.items(), key=lambda item: item[1])
+    if share > QUIET_SHARE:
+        sys.exit(f"error: other processes took {share:.0%} of the CPU during a timed call of {name} (at most "
+                 f"{QUIET_SHARE:.0%} counts as quiet): results not written; rerun on a quiet machine")
+
+
+def add_repeats_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    """--repeats N (N >= 3: a median and a spread need three), refused with exit 2 otherwise."""
+    def at_least_three(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < 3:
+            raise argparse.ArgumentTypeError(f"{value}: a median and a spread need at least 3 repeats")
+        return value
+
+    parser.add_argument("--repeats", type=at_least_three, default=default, help=f"{what} (default: {default}; >= 3)")
 
 
 def replace_file(path: Path, text: str) -> None:

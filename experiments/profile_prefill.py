@@ -1,5 +1,5 @@
 """Where a prefill's time goes, expand against transformers, on bench_forward's 1 x 512 and 1 x 2048 rows
-(SmolLM2-135M fp32, this process, this machine). The 1 x 2048 row is the one where expand was not faster.
+(SmolLM2-135M fp32, this process, this machine): which part makes a row's ratio.
 
 The forward is split into its parts, each timed alone on the row's shapes on both sides, alternating
 (median of --repeats after a first call that compiles expand's side):
@@ -14,8 +14,9 @@ The forward is split into its parts, each timed alone on the row's shapes on bot
 
 `rest` is whole minus the parts: the norms, RoPE, residual adds, the embedding lookup, and (expand) the
 scan over layers; it is negative where the parts timed alone cost more than inside the whole forward (XLA
-fuses and overlaps them there; each part alone pays its own call). A part's ratio transformers / expand
-> 1 means expand's part is faster.
+fuses and overlaps them there; each part alone pays its own call), and its ratio is printed as "-" then.
+A part's ratio transformers / expand > 1 means expand's part is faster. As in bench_forward, the run stops
+without writing when other processes took more than 10% of the CPU during a timed call.
 
     python -m experiments.profile_prefill [--repeats 5]
 
@@ -30,7 +31,7 @@ import numpy as np
 
 import expand
 from experiments.bench_forward import alternate, torch_model
-from experiments.benchlib import device_line, load_average, write_results
+from experiments.benchlib import add_repeats_option, device_line, load_average, refuse_busy_run, write_results
 
 LENGTHS = [512, 2048]
 PARTS = ["projections", "attention", "head", "whole"]
@@ -119,6 +120,7 @@ def profile(model, reference, length: int, repeats: int) -> dict:
         times = alternate({"expand": ours[part], "transformers": theirs[part]}, repeats)
         row[part] = {side: round(t["median_s"], 4) for side, t in times.items()}
         row[part]["range_s"] = {side: [round(t["min_s"], 4), round(t["max_s"], 4)] for side, t in times.items()}
+        row[part]["max_other_cpu"] = round(max(t["max_other_cpu"] for t in times.values()), 3)
     row["rest"] = {side: round(row["whole"][side] - sum(row[p][side] for p in PARTS[:-1]), 4)
                    for side in ("expand", "transformers")}
     return row
@@ -128,7 +130,7 @@ def main() -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    add_repeats_option(parser, 5, "alternating rounds per part")
     args = parser.parse_args()
     model = expand.load("smollm2")
     reference = torch_model(model)
@@ -145,10 +147,12 @@ def main() -> None:
         lines.append(f"1 x {length:<5} {'expand':>9} {'transformers':>13} {'ratio':>7}   per token (ms): expand / transformers")
         for part in [*PARTS[:-1], "rest", "whole"]:
             e, t = row[part]["expand"], row[part]["transformers"]
-            lines.append(f"  {part:<11} {e:9.3f} {t:13.3f} {t / e if e > 0 else float('nan'):6.2f}x   "
-                         f"{1e3 * e / length:6.3f} / {1e3 * t / length:6.3f}")
+            ratio = f"{t / e:6.2f}x" if e > 0 and t > 0 else f"{'-':>7}"
+            lines.append(f"  {part:<11} {e:9.3f} {t:13.3f} {ratio}   {1e3 * e / length:6.3f} / {1e3 * t / length:6.3f}")
         lines.append("")
     print("\n".join(lines))
+    refuse_busy_run({f"1 x {length} {part}": row[part]["max_other_cpu"]
+                     for length, row in rows.items() for part in PARTS})
     write_results("profile_prefill_cpu", results, "\n".join(lines).rstrip())
 
 
