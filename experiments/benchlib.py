@@ -54,7 +54,8 @@ def cpu_vector_extensions(flags: str) -> str:
 
 
 def device_line() -> str:
-    """CPU model, its vector extensions, core count, RAM, and the accelerator JAX sees."""
+    """CPU model (name, family and model numbers, clock), its vector extensions, core count, RAM, and the
+    accelerator JAX sees."""
     import jax
 
     info = {}  # the first processor's fields
@@ -62,10 +63,13 @@ def device_line() -> str:
         key, _, value = line.partition(":")
         info.setdefault(key.strip(), value.strip())
     cpu = info.get("model name") or platform.processor() or "cpu"
-    vector = cpu_vector_extensions(info.get("flags", ""))
+    details = [f"family {info['cpu family']} model {info['model']}" if "cpu family" in info else "",
+               f"{float(info['cpu MHz']):.0f} MHz" if "cpu MHz" in info else "",
+               cpu_vector_extensions(info.get("flags", ""))]
+    details = "; ".join(d for d in details if d)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     accel = jax.devices()[0]
-    return (f"{cpu}{f' ({vector})' if vector else ''}, {os.cpu_count()} cores, {ram:.0f} GiB RAM; "
+    return (f"{cpu}{f' ({details})' if details else ''}, {os.cpu_count()} cores, {ram:.0f} GiB RAM; "
             f"jax {jax.__version__} on {accel.platform}:{accel.device_kind}")
 
 
@@ -125,8 +129,10 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-# A timed call is taken as quiet when other processes used at most this fraction of the machine's CPU time
-# during it (PyTorch's threads slow down far more than XLA's when a core is taken: a busy spell skews ratios).
+# A measurement is taken as quiet when other processes used at most this fraction of the machine's CPU time
+# during its timed calls (PyTorch's threads slow down far more than XLA's when a core is taken: a busy spell
+# skews ratios). It is judged over all the calls of a row, not call by call: /proc/stat counts in ticks of
+# 1/100 s, a few percent of a 0.1 s call on 2 cores.
 QUIET_SHARE = 0.10
 
 
@@ -145,21 +151,25 @@ def own_cpu_seconds() -> float:
 
 
 def timed_call(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds of fn(), the share of the machine's CPU time other processes used meanwhile: their CPU
-    seconds / (wall seconds x CPUs), 0 on a quiet machine; /proc/stat counts in ticks of 1/100 s)."""
+    """(wall seconds of fn(), CPU seconds other processes ran meanwhile: the machine's minus this process's)."""
     busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
     fn()
     wall = time.perf_counter() - start
-    others = (machine_busy_seconds() - busy) - (own_cpu_seconds() - own)
-    return wall, max(others, 0.0) / (wall * (os.cpu_count() or 1))
+    return wall, max((machine_busy_seconds() - busy) - (own_cpu_seconds() - own), 0.0)
+
+
+def other_share(walls: list[float], others: list[float]) -> float:
+    """The share of the machine's CPU time that other processes took over timed calls: their CPU seconds
+    over the calls' wall seconds times the CPUs (0 on a quiet machine)."""
+    return sum(others) / (sum(walls) * (os.cpu_count() or 1))
 
 
 def refuse_busy_run(shares: dict[str, float]) -> None:
     """Exit (status 1, before anything is written) when, during some timed call, other processes took more
-    than QUIET_SHARE of the CPU: shares maps a row to the largest share seen during its calls."""
+    than QUIET_SHARE of the CPU: shares maps a row to `other_share` over its timed calls."""
     name, share = max(shares.items(), key=lambda item: item[1])
     if share > QUIET_SHARE:
-        sys.exit(f"error: other processes took {share:.0%} of the CPU during a timed call of {name} (at most "
+        sys.exit(f"error: other processes took {share:.0%} of the CPU during the timed calls of {name} (at most "
                  f"{QUIET_SHARE:.0%} counts as quiet): results not written; rerun on a quiet machine")
 
 

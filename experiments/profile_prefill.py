@@ -16,7 +16,7 @@ The forward is split into its parts, each timed alone on the row's shapes on bot
 scan over layers; it is negative where the parts timed alone cost more than inside the whole forward (XLA
 fuses and overlaps them there; each part alone pays its own call), and its ratio is printed as "-" then.
 A part's ratio transformers / expand > 1 means expand's part is faster. As in bench_forward, the run stops
-without writing when other processes took more than 10% of the CPU during a timed call.
+without writing when other processes took more than 10% of the CPU during a part's timed calls.
 
     python -m experiments.profile_prefill [--repeats 5]
 
@@ -30,7 +30,7 @@ import argparse
 import numpy as np
 
 import expand
-from experiments.bench_forward import alternate, torch_model
+from experiments.bench_forward import alternate, busy_share, torch_model
 from experiments.benchlib import add_repeats_option, device_line, load_average, refuse_busy_run, write_results
 
 LENGTHS = [512, 2048]
@@ -120,7 +120,7 @@ def profile(model, reference, length: int, repeats: int) -> dict:
         times = alternate({"expand": ours[part], "transformers": theirs[part]}, repeats)
         row[part] = {side: round(t["median_s"], 4) for side, t in times.items()}
         row[part]["range_s"] = {side: [round(t["min_s"], 4), round(t["max_s"], 4)] for side, t in times.items()}
-        row[part]["max_other_cpu"] = round(max(t["max_other_cpu"] for t in times.values()), 3)
+        row[part]["other_cpu_share"] = round(busy_share(times), 3)
     row["rest"] = {side: round(row["whole"][side] - sum(row[p][side] for p in PARTS[:-1]), 4)
                    for side in ("expand", "transformers")}
     return row
@@ -151,7 +151,7 @@ def main() -> None:
             lines.append(f"  {part:<11} {e:9.3f} {t:13.3f} {ratio}   {1e3 * e / length:6.3f} / {1e3 * t / length:6.3f}")
         lines.append("")
     print("\n".join(lines))
-    refuse_busy_run({f"1 x {length} {part}": row[part]["max_other_cpu"]
+    refuse_busy_run({f"1 x {length} {part}": row[part]["other_cpu_share"]
                      for length, row in rows.items() for part in PARTS})
     write_results("profile_prefill_cpu", results, "\n".join(lines).rstrip())
 
