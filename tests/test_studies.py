@@ -21,6 +21,7 @@ TEXT_FREE = {  # benchmarks whose inputs are no text
     "results/bench_scale.json": "a random checkpoint on disk (time and memory of surgery)",
     "results/cpu_gemm_accuracy.json": "random matrices",
     "results/bench_forward_cpu.json": "random tokens",
+    "results/bench_forward_cpu_42c0621.json": "random tokens (bench_forward run against the code of 42c0621)",
     "results/bench_compile.json": "random tokens (compile time of programs)",
     "results/profile_prefill_cpu.json": "random tokens and activations",
     "results/eval_window_sweep.json": "lm-eval tasks (tests/data/lm_eval), scored by lm-eval, not a text",
