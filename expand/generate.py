@@ -132,11 +132,14 @@ def generate(params: Params, config: Config, prompts: Sequence[Sequence[int]], m
     eos_ids = sorted(set(config.eos_token_ids if eos_token_ids is None else eos_token_ids))
     batch, prompt_len = len(prompts), max(len(p) for p in prompts)
     total = prompt_len + max_new_tokens
-    if total > config.max_position_embeddings:
+    window = config.max_position_embeddings
+    if prompt_len >= window:
+        raise ValueError(f"the prompt has {prompt_len} tokens, which leaves no room for a new token in the model's "
+                         f"context window (max_position_embeddings = {window}): shorten it")
+    if total > window:
         raise ValueError(f"a prompt of {prompt_len} tokens and {max_new_tokens} new tokens take {total} positions, "
-                         f"more than the model's context window (max_position_embeddings = "
-                         f"{config.max_position_embeddings}): ask for at most "
-                         f"{max(config.max_position_embeddings - prompt_len, 0)} new tokens (--max-new-tokens)")
+                         f"more than the model's context window (max_position_embeddings = {window}): ask for at "
+                         f"most {window - prompt_len} new tokens (--max-new-tokens)")
     dtype = params["embed_tokens.weight"].dtype
 
     pad = config.pad_token_id if config.pad_token_id is not None else 0

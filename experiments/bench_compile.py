@@ -16,7 +16,8 @@ is `expand.generate._decode` (CHUNK steps of forward + sampling, the slot scan n
 Each point is the median of `--repeats` fresh compilations (JAX's caches cleared before each; the depths
 taken in turn, after one warm-up compilation of each), with the number of instructions in the optimized
 HLO. Flat means compile(400) / compile(30) <= 1.3 for every program and way; the run exits 1 (after
-writing its results) when one is not.
+writing its results) when one is not, and (writing nothing) when other processes took more than 10% of the
+CPU while a program's compilations ran (`benchlib.refuse_busy_run`).
 
     python -m experiments.bench_compile [--repeats 3]
 
@@ -34,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.benchlib import RESULTS, add_repeats_option, device_line, write_results
+from experiments.benchlib import (RESULTS, add_repeats_option, device_line, other_share, refuse_busy_run, timed_call,
+                                  write_results)
 
 SLOTS = [30, 60, 140, 400]
 FLAT = 1.3  # the largest compile(400) / compile(30) called flat
@@ -180,14 +182,16 @@ def main() -> None:
     base = tiny_model(STORED_FOR_VIRTUAL)
     results = {"device": device_line(), "jax": jax.__version__, "config": TINY, "batch": BATCH, "length": LENGTH,
                "repeats": args.repeats, "programs": {}}
-    lines = []
+    lines, shares = [], {}
     with progress_bar("compiling", total=len(PROGRAMS) * len(SLOTS) * 2 * args.repeats) as advance:
         for program, build in PROGRAMS.items():
             points = {}
             for n in SLOTS:
                 points[("stored", n)] = build(tiny_model(n), None)
                 points[("virtual", n)] = build(base, np.arange(n) % STORED_FOR_VIRTUAL)
-            measured = measure(points, args.repeats, advance)
+            measured = {}
+            wall, others = timed_call(lambda: measured.update(measure(points, args.repeats, advance)))
+            shares[program] = round(other_share([wall], [others]), 3)
             series = results["programs"][program] = {"stored": {}, "virtual": {}}
             for (way, n), point in measured.items():
                 series[way][str(n)] = point
@@ -210,6 +214,9 @@ def main() -> None:
     lines += ["", f"largest {SLOTS[-1]}/{SLOTS[0]} ratio {worst:.2f}x: "
                   f"{'flat' if results['flat'] else 'NOT flat'} (flat means <= {FLAT}x)"]
     print(lines[-1])
+    results["other_cpu_share"] = shares
+    lines.append(f"other processes took at most {max(shares.values()):.1%} of the CPU while one program compiled")
+    refuse_busy_run(shares)
     write_results("bench_compile", results, "\n".join(header + lines))
     plot(results, RESULTS / "bench_compile.png")
     if not results["flat"]:

@@ -10,12 +10,13 @@ Each side is called once first (expand's first call includes its compilation, re
 `first call`), then the two sides alternate for `--repeats` rounds, the order flipping every round (E T,
 T E, E T, ...) so that a slow spell of the machine falls on both. Each row reports the median and range
 of the repeats and the ratio of medians transformers / expand (> 1: expand is faster). The load average
-at the start and end of the run is recorded, and each row states the share of the machine's CPU that
-other processes took during its timed calls (`benchlib.timed_call`, from /proc/stat); above
-`benchlib.QUIET_SHARE` (10%) for any row the run stops without writing (PyTorch's threads lose far more than XLA's
-to a busy core, so a busy spell inflates the ratios). A decode row also says how many greedy tokens the
-two sides agree on (fp32 rounding decides near-ties differently after a while). After the first call
-expand must not compile again: the run fails if it does.
+at the start and end of the run is recorded, and each row states the share of the CPU time (of the CPUs
+this process may use) that other processes took during one side's timed calls, first call included, the
+larger side's (`benchlib.timed_call`, from /proc/stat); above `benchlib.QUIET_SHARE` (10%) in any row the
+run stops without writing (PyTorch's threads lose far more than XLA's to a busy core, so a busy spell
+inflates the ratios). A decode row also says how many greedy tokens the two sides agree on (fp32 rounding
+decides near-ties differently after a while). After the first call expand must not compile again: the run
+fails if it does.
 
     python -m experiments.bench_forward [--repeats 5] [--rows prefill-1x512,decode-8]
 
@@ -72,9 +73,10 @@ def alternate(sides: dict, repeats: int) -> dict[str, dict]:
 
 
 def busy_share(times: dict[str, dict]) -> float:
-    """`benchlib.other_share` over every timed call of `alternate`'s sides."""
-    return other_share([t for side in times.values() for t in side["times_s"]],
-                       [c for side in times.values() for c in side["other_cpu_s"]])
+    """The larger of the two sides' `benchlib.other_share` over their timed calls in `alternate` (a busy spell
+    during one side's calls skews the ratio as much as one over both), first calls included where recorded."""
+    return max(other_share(side["times_s"] + [side.get("first_call_s", 0.0)],
+                           side["other_cpu_s"] + [side.get("first_call_other_cpu_s", 0.0)]) for side in times.values())
 
 
 def prefill_sides(model, reference, batch: int, length: int) -> tuple[dict, int]:
@@ -137,13 +139,13 @@ def run_row(name: str, model, reference, repeats: int) -> dict:
         row = {"row": f"decode {batch} x {NEW_TOKENS}", "batch": batch, "prompt_length": PROMPT_LEN,
                "new_tokens": NEW_TOKENS}
     traces = sum(TRACE_COUNTS.values())
-    first_calls = {name: timed_call(fn)[0] for name, fn in sides.items()}  # expand's compiles
+    first_calls = {name: timed_call(fn) for name, fn in sides.items()}  # expand's compiles
     compiled = sum(TRACE_COUNTS.values())
     times = alternate(sides, repeats)
     if sum(TRACE_COUNTS.values()) != compiled:
         sys.exit(f"{row['row']}: expand compiled again after its first call ({dict(TRACE_COUNTS)})")
-    for name, first_call in first_calls.items():
-        times[name]["first_call_s"] = first_call
+    for name, (first_call, others) in first_calls.items():
+        times[name] |= {"first_call_s": first_call, "first_call_other_cpu_s": others}
     row["expand_compilations"] = compiled - traces
     row |= {side: {k: (round(v, 4) if isinstance(v, float) else [round(t, 4) for t in v]) for k, v in r.items()}
             for side, r in times.items()}

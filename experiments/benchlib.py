@@ -136,12 +136,23 @@ def load_average() -> list[float]:
 QUIET_SHARE = 0.10
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every process of the machine (this one included) has run so far: /proc/stat's user, nice,
-    system, irq, softirq and steal (time the hypervisor gave to another guest) summed over its CPUs."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity; all of the machine's where that is unknown)."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def machine_busy_seconds(cpus: set[int]) -> float:
+    """CPU seconds every process (this one included) has run so far on these CPUs: /proc/stat's user, nice,
+    system, irq, softirq and steal (time the hypervisor gave to another guest) of each."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines()[1:]:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit()):
+            break
+        if int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+            total += user + nice + system + irq + softirq + steal
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def own_cpu_seconds() -> float:
@@ -151,25 +162,27 @@ def own_cpu_seconds() -> float:
 
 
 def timed_call(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds of fn(), CPU seconds other processes ran meanwhile: the machine's minus this process's)."""
-    busy, own, start = machine_busy_seconds(), own_cpu_seconds(), time.perf_counter()
+    """(wall seconds of fn(), CPU seconds other processes ran meanwhile on the CPUs this process may use: their
+    busy time minus this process's)."""
+    cpus = usable_cpus()
+    busy, own, start = machine_busy_seconds(cpus), own_cpu_seconds(), time.perf_counter()
     fn()
     wall = time.perf_counter() - start
-    return wall, max((machine_busy_seconds() - busy) - (own_cpu_seconds() - own), 0.0)
+    return wall, max((machine_busy_seconds(cpus) - busy) - (own_cpu_seconds() - own), 0.0)
 
 
 def other_share(walls: list[float], others: list[float]) -> float:
-    """The share of the machine's CPU time that other processes took over timed calls: their CPU seconds
-    over the calls' wall seconds times the CPUs (0 on a quiet machine)."""
-    return sum(others) / (sum(walls) * (os.cpu_count() or 1))
+    """The share of the usable CPUs' time that other processes took over timed calls: their CPU seconds over
+    the calls' wall seconds times the CPUs (0 on a quiet machine)."""
+    return sum(others) / (sum(walls) * len(usable_cpus()))
 
 
 def refuse_busy_run(shares: dict[str, float]) -> None:
-    """Exit (status 1, before anything is written) when, during some timed call, other processes took more
-    than QUIET_SHARE of the CPU: shares maps a row to `other_share` over its timed calls."""
+    """Exit (status 1, before anything is written) when other processes took more than QUIET_SHARE of the
+    CPU during some measurement: shares maps a measurement to `other_share` over its timed calls."""
     name, share = max(shares.items(), key=lambda item: item[1])
     if share > QUIET_SHARE:
-        sys.exit(f"error: other processes took {share:.0%} of the CPU during the timed calls of {name} (at most "
+        sys.exit(f"error: other processes took {share:.1%} of the CPU during the timed calls of {name} (at most "
                  f"{QUIET_SHARE:.0%} counts as quiet): results not written; rerun on a quiet machine")
 
 

@@ -127,11 +127,11 @@ def profile(model, reference, length: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    import torch
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_repeats_option(parser, 5, "alternating rounds per part")
     args = parser.parse_args()
+    import torch
+
     model = expand.load("smollm2")
     reference = torch_model(model)
     start_load = load_average()
@@ -150,6 +150,8 @@ def main() -> None:
             ratio = f"{t / e:6.2f}x" if e > 0 and t > 0 else f"{'-':>7}"
             lines.append(f"  {part:<11} {e:9.3f} {t:13.3f} {ratio}   {1e3 * e / length:6.3f} / {1e3 * t / length:6.3f}")
         lines.append("")
+    busiest = max(row[part]["other_cpu_share"] for row in rows.values() for part in PARTS)
+    lines.append(f"other processes took at most {busiest:.1%} of the CPU during one part's timed calls")
     print("\n".join(lines))
     refuse_busy_run({f"1 x {length} {part}": row[part]["other_cpu_share"]
                      for length, row in rows.items() for part in PARTS})

@@ -142,3 +142,5 @@ def test_generation_past_the_context_window_is_refused(tiny_checkpoint):
     limit = config.max_position_embeddings
     with pytest.raises(ValueError, match=f"more than the model's context window .* at most {limit - 10} new tokens"):
         expand.generate(params, config, [prompt], limit - 9, eos_token_ids=[])
+    with pytest.raises(ValueError, match=f"the prompt has {limit} tokens, which leaves no room"):
+        expand.generate(params, config, [prompt, [1] * limit], 1, eos_token_ids=[])

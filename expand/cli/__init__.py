@@ -61,7 +61,7 @@ def run_verb(args) -> int:
     except KeyboardInterrupt:
         if several():
             stop_now(130, "interrupted")
-        print_error("interrupted (an output being written was removed)")
+        print_error("interrupted (no output is left half-written)")
         return 130
     except SystemExit as e:  # SIGTERM while an output is claimed (expand.io.atomic)
         if several():
