@@ -4,7 +4,11 @@ cached. Run the scripts as modules from the repository root (`python -m experime
 
 Peak RSS comes from the kernel's accounting of each child (wait4's ru_maxrss). That figure includes the
 memory the parent had when it forked the child, so a measuring parent must stay small: it imports
-neither jax nor expand, and does its own heavy work in child processes (`python_json`)."""
+neither jax nor expand while it measures, and does its own heavy work in child processes (`python_json`);
+`write_results` imports expand (its atomic writes) only once every child has run.
+
+Timings are taken as quiet only when other processes left the CPUs alone meanwhile (`timed_call`,
+`refuse_busy_run`)."""
 
 from __future__ import annotations
 
@@ -129,10 +133,10 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-# A measurement is taken as quiet when other processes used at most this fraction of the machine's CPU time
-# during its timed calls (PyTorch's threads slow down far more than XLA's when a core is taken: a busy spell
-# skews ratios). It is judged over all the calls of a row, not call by call: /proc/stat counts in ticks of
-# 1/100 s, a few percent of a 0.1 s call on 2 cores.
+# A measurement is taken as quiet when other processes used at most this fraction of the time of the CPUs
+# this process may use during its timed calls (PyTorch's threads slow down far more than XLA's when a core
+# is taken: a busy spell skews ratios). It is judged over a measurement's calls (a row's side, a part, a
+# program), not call by call: /proc/stat counts in ticks of 1/100 s, a few percent of a 0.1 s call.
 QUIET_SHARE = 0.10
 
 
