@@ -60,9 +60,7 @@ class Compiled:
         return self.arguments + self.outputs + self.temporaries - self.aliased
 
     @classmethod
-    def of(cls, name: str, lowered) -> "Compiled":
-        """The analysis of a lowered function (jax.stages.Lowered), or of one already compiled."""
-        compiled = lowered.compile() if isinstance(lowered, jax.stages.Lowered) else lowered
+    def of(cls, name: str, compiled: jax.stages.Compiled) -> "Compiled":
         stats = compiled.memory_analysis()
         return cls(name, stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.temp_size_in_bytes,
                    stats.alias_size_in_bytes)
@@ -135,10 +133,11 @@ def check_estimate(config: Config, mesh: Mesh, mesh_text: str, tokens: tuple[int
     ref_name = reference_dtype(dtype_name)
     x64 = "fp64" in (dtype_name, ref_name)
     with jax.enable_x64(x64), jax.set_mesh(mesh):
-        base = Compiled.of(f"base forward {dtype_name}", lower_forward(config, mesh, tokens, DTYPES[dtype_name]))
-        ref = Compiled.of(f"base forward {ref_name}", lower_forward(config, mesh, tokens, DTYPES[ref_name]))
-        cand = Compiled.of(f"candidate forward {dtype_name}", lower_forward(config, mesh, tokens, DTYPES[dtype_name],
-                                                                            plan))
+        base = Compiled.of(f"base forward {dtype_name}",
+                           lower_forward(config, mesh, tokens, DTYPES[dtype_name]).compile())
+        ref = Compiled.of(f"base forward {ref_name}", lower_forward(config, mesh, tokens, DTYPES[ref_name]).compile())
+        cand = Compiled.of(f"candidate forward {dtype_name}",
+                           lower_forward(config, mesh, tokens, DTYPES[dtype_name], plan).compile())
         weights = {name: bytes_per_device(abstract_params(config, mesh, DTYPES[name]))
                    for name in {"fp32", dtype_name, ref_name}}
     w32 = weights["fp32"]
@@ -178,7 +177,7 @@ def heal_estimate(config: Config, mesh: Mesh, mesh_text: str, tokens: tuple[int,
                                       sharding=view.output_shardings)
         head = _teacher_head(config, teacher_params)
         step, student, opt_state = _lower_heal_step(config, mesh, tokens, plan, (hidden, head))
-        step = Compiled.of("heal step", step)
+        step = Compiled.of("heal step", step.compile())
         teacher = Compiled.of("teacher view", view)
         weights = bytes_per_device(teacher_params)
         state = bytes_per_device(opt_state)
